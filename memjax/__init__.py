@@ -1,0 +1,33 @@
+"""memjax: scalable product-key memory layers for JAX and Flax NNX.
+
+The public API is re-exported here; see README.md for a tour.
+"""
+
+from memjax.config import MemoryConfig, VALUE_DTYPES
+from memjax.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_reference
+from memjax.memory.layer import MemoryOutput, ProductKeyMemory, ValueTable, shared_memory_layers
+from memjax.memory.product_keys import product_key_topk, product_key_topk_reference
+from memjax.memory.read import MemoryReadout, memory_read, qk_normalize
+from memjax.metrics import USAGE_KEYS, memory_usage, slot_mass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "MemoryConfig",
+    "MemoryOutput",
+    "MemoryReadout",
+    "ProductKeyMemory",
+    "USAGE_KEYS",
+    "VALUE_DTYPES",
+    "ValueTable",
+    "embedding_bag",
+    "embedding_bag_reference",
+    "memory_read",
+    "memory_usage",
+    "product_key_topk",
+    "product_key_topk_reference",
+    "qk_normalize",
+    "shared_memory_layers",
+    "slot_mass",
+]

@@ -1,0 +1,1 @@
+"""Kernels behind memjax ops; ``embedding_bag`` dispatches to a backend."""

@@ -1,0 +1,1 @@
+"""Product-key memory: pure functions (product_keys, read) and the NNX layer."""
