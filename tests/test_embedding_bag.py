@@ -122,3 +122,18 @@ def test_bad_arguments(args, match):
 def test_unknown_backend_lists_allowed():
   with pytest.raises(ValueError, match=r"backend='nope'.*allowed.*xla"):
     embedding_bag(np.zeros((3, 2)), np.zeros((2, 2), np.int32), np.zeros((2, 2)), backend="nope")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_row_grads_scatter_to_the_dense_gradient(seed):
+  from memjax import embedding_bag_row_grads
+  values, idx, w, dout = _inputs(seed)
+  rows, grads = jax.jit(embedding_bag_row_grads, static_argnums=3)(idx, w, dout, values.shape[0])
+  n = idx.size
+  assert rows.shape == (n,) and grads.shape == (n, values.shape[1])
+  distinct = np.unique(idx)
+  np.testing.assert_array_equal(rows[: distinct.size], distinct)  # distinct rows, ascending
+  assert np.all(np.asarray(rows[distinct.size:]) == values.shape[0])  # then padding
+  np.testing.assert_array_equal(grads[distinct.size:], 0.0)
+  dense = jnp.zeros(values.shape, jnp.float32).at[rows].add(grads, mode="drop")
+  np.testing.assert_allclose(dense, _np_grads(values, idx, w, dout)[0], rtol=1e-5, atol=1e-5)

@@ -144,6 +144,54 @@ def embedding_bag(values, indices, weights, *, backend: str = "auto"):
   return out_BxD.reshape(*lead, values.shape[1])
 
 
+def _xla_row_grads(idx_N, w_N, dout_NxD, num_slots):
+  # Sort the lookups by row, then sum each run of equal rows: deterministic, no [M, Dv] buffer.
+  order = jnp.argsort(idx_N, stable=True)
+  idx_sorted = idx_N[order]
+  contrib = w_N[order].astype(jnp.float32)[:, None] * dout_NxD[order].astype(jnp.float32)  # [N, Dv]
+  n = idx_N.shape[0]
+  starts = jnp.concatenate([jnp.ones((1,), bool), idx_sorted[1:] != idx_sorted[:-1]])
+  segment = jnp.cumsum(starts.astype(jnp.int32)) - 1  # run number of each sorted lookup
+  grads = jax.ops.segment_sum(contrib, segment, num_segments=n, indices_are_sorted=True)
+  rows = jnp.full((n,), num_slots, jnp.int32).at[segment].set(idx_sorted.astype(jnp.int32))
+  return rows, grads
+
+
+def embedding_bag_row_grads(indices, weights, d_out, num_slots: int):
+  """The value gradient of ``embedding_bag`` as (rows, row gradients), never as a [M, Dv] array.
+
+  For the row-sparse optimizer: with N = the number of lookups (``indices.size``),
+    rows  [N] int32: the distinct rows read, ascending, then padding equal to ``num_slots``
+          (out of range: ``.at[rows].add(..., mode="drop")`` ignores it);
+    grads [N, Dv] fp32: ``grads[u] = sum_{(b, l): indices[b, l] = rows[u]} weights[b, l] * d_out[b]``,
+          zero on padding.
+  Scattering ``grads`` into zeros at ``rows`` gives exactly the dense gradient of ``embedding_bag``.
+
+  Args:
+    indices: [..., L] int rows in [0, num_slots).
+    weights: [..., L] weights of the forward pass.
+    d_out: [..., Dv] cotangent of the bag output.
+    num_slots: M, static.
+
+  Example:
+    >>> rows, g = embedding_bag_row_grads(jnp.array([[3, 1, 3]]), jnp.array([[1.0, 2.0, 0.5]]),
+    ...                                   jnp.array([[1.0, 10.0]]), num_slots=5)
+    >>> rows.tolist(), g[:2].tolist()
+    ([1, 3, 5], [[2.0, 20.0], [1.5, 15.0]])
+  """
+  indices, weights, d_out = jnp.asarray(indices), jnp.asarray(weights), jnp.asarray(d_out)
+  if weights.shape != indices.shape:
+    raise ValueError(f"weights.shape={weights.shape} must equal indices.shape={indices.shape}")
+  if d_out.shape[:-1] != indices.shape[:-1]:
+    raise ValueError(f"d_out.shape={d_out.shape} must be indices' leading shape {indices.shape[:-1]} + (Dv,)")
+  bag = indices.shape[-1]
+  d = d_out.shape[-1]
+  idx_N = indices.reshape(-1)
+  w_N = weights.reshape(-1)
+  dout_NxD = jnp.broadcast_to(d_out.reshape(-1, 1, d), (idx_N.shape[0] // bag, bag, d)).reshape(-1, d)
+  return _xla_row_grads(idx_N, w_N, dout_NxD, num_slots)
+
+
 def embedding_bag_reference(values, indices, weights):
   """Plain-jnp oracle (fp32 accumulation, autodiff gradients): what every backend must equal."""
   rows = jnp.take(values, indices, axis=0).astype(jnp.float32)
