@@ -5,7 +5,7 @@ The public API is re-exported here; see README.md for a tour.
 
 from memjax.config import MemoryConfig, VALUE_DTYPES
 from memjax.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_reference, embedding_bag_row_grads
-from memjax.memory.layer import MemoryOutput, ProductKeyMemory, ValueTable, shared_memory_layers
+from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable, shared_memory_layers
 from memjax.memory.product_keys import product_key_topk, product_key_topk_reference
 from memjax.memory.read import MemoryReadout, memory_read, qk_normalize
 from memjax.metrics import USAGE_KEYS, memory_usage, slot_mass
@@ -17,6 +17,7 @@ __all__ = [
     "MemoryConfig",
     "MemoryOutput",
     "MemoryReadout",
+    "MemoryValue",
     "ProductKeyMemory",
     "USAGE_KEYS",
     "VALUE_DTYPES",

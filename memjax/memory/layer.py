@@ -45,6 +45,11 @@ def _param(value, *axes):
   return nnx.Param(value, logical_axes=tuple(axes))
 
 
+class MemoryValue(nnx.Param):
+  """The value table's variable type: lets optimizers and sharding pick the table out of a model
+  (``nnx.split(model, MemoryValue, nnx.Param)``) and give it its own learning rate and update rule."""
+
+
 class ValueTable(nnx.Module):
   """The value pool ``values`` [M, Dv] in ``config.value_dtype``; pass one to several layers to share it.
 
@@ -60,7 +65,7 @@ class ValueTable(nnx.Module):
     std = config.value_init_std if config.value_init_std is not None else config.value_dim**-0.5
     shape = (config.num_slots, config.value_dim)
     table = jax.random.normal(rngs.params(), shape, jnp.float32) * std
-    self.values = _param(table.astype(config.jnp_value_dtype), ax.SLOTS, ax.VALUE_DIM)
+    self.values = MemoryValue(table.astype(config.jnp_value_dtype), logical_axes=(ax.SLOTS, ax.VALUE_DIM))
 
 
 class ProductKeyMemory(nnx.Module):
@@ -137,13 +142,25 @@ class ProductKeyMemory(nnx.Module):
       q, keys = qk_normalize(q, keys, self.query_gain[...], self.key_gain[...])
     return q, keys
 
-  def read(self, x) -> MemoryOutput:
-    """The full forward pass with the lookup: ``MemoryOutput(out [..., C], indices, weights)``."""
+  def read(self, x, *, value_tap=None) -> MemoryOutput:
+    """The full forward pass with the lookup: ``MemoryOutput(out [..., C], indices, weights)``.
+
+    ``value_tap`` (for row-sparse value updates): a zero array [..., Dv] added to the read ``y``.
+    When given, the table is read under ``stop_gradient`` (it gets no dense gradient) and the
+    gradient with respect to the tap is the cotangent of ``y``; ``embedding_bag_row_grads``
+    turns it, with the returned indices and weights, into the table's gradient rows.
+    """
     if x.shape[-1] != self.dim:
       raise ValueError(f"x.shape={x.shape}: last dim must be the layer's dim={self.dim}")
     q, keys = self.queries(x)
-    r = memory_read(q, keys, self.values.values[...], k=self.config.k, backend=self.backend)
-    y = r.out.astype(x.dtype)  # [..., Dv]
+    table = self.values.values[...]
+    if value_tap is not None:
+      table = jax.lax.stop_gradient(table)
+    r = memory_read(q, keys, table, k=self.config.k, backend=self.backend)
+    y = r.out  # [..., Dv]
+    if value_tap is not None:
+      y = y + value_tap.astype(y.dtype)
+    y = y.astype(x.dtype)
     if self.config.swilu:
       gate = jax.nn.silu(x @ self.w1[...].astype(x.dtype))  # [..., Dv]
       out = (y * gate) @ self.w2[...].astype(x.dtype)  # [..., C]

@@ -1,0 +1,196 @@
+"""A decoder-only LM whose blocks choose their feed-forward: dense SwiGLU, memory / Memory+, or MoE.
+
+Shapes:
+  B batch   T sequence   C model width   V vocabulary   N query heads   Dh head width
+  F FFN hidden   E experts   Dv memory value width
+
+Block (pre-norm):  h = x + Attn(norm(x));  out = h + FFN(norm(h))  with FFN one of
+  dense:   W_down (silu(x W_gate) * (x W_up))                        [B, T, C] -> [B, T, C]
+  memory:  ``ProductKeyMemory`` (Memory+ when swilu), all memory blocks reading one ``ValueTable``
+           when ``memory.shared``
+  moe:     top-k routed SwiGLU experts with a load-balancing loss (``memjax.moe``)
+
+Attention is causal and, when ``segment_ids`` are given, restricted to the same packed document.
+``__call__`` returns ``(logits [B, T, V] fp32, aux)`` with ``aux = {"moe_loss": scalar,
+"memory": [MemoryOutput per memory block]}``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memjax.config import COMPUTE_DTYPES, ModelConfig
+from memjax.memory.layer import MemoryOutput, ProductKeyMemory, ValueTable
+from memjax.moe import MoE
+
+EMBED, VOCAB, HEADS, HEAD_DIM, MLP = "embed", "vocab", "heads", "head_dim", "mlp"
+
+
+def _param(value, *axes):
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _normal(rngs, shape, std, *axes):
+  return _param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, *axes)
+
+
+# ----- pure helpers -----------------------------------------------------------------------------
+
+
+def rms_norm(x_BxTxC, scale_C, eps: float = 1e-6):
+  x32 = x_BxTxC.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale_C.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + scale_C.shape)).astype(x_BxTxC.dtype)
+
+
+def rope(x_BxTxNxD, positions_BxT, theta: float):
+  """Rotary position embedding on pairs (first half, second half) of the head dim."""
+  d = x_BxTxNxD.shape[-1]
+  freqs_D2 = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
+  angles_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * freqs_D2[None, None, :]
+  sin, cos = jnp.sin(angles_BxTxD2)[:, :, None, :], jnp.cos(angles_BxTxD2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxD.dtype)
+
+
+def attention_mask(segment_ids_BxT):
+  """[B, 1, T, T] bool: causal, and within one document when segment ids are given."""
+  t = segment_ids_BxT.shape[1]
+  causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return (causal_TxT[None] & same_BxTxT)[:, None]
+
+
+# ----- modules ----------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int):
+    self.scale = _param(jnp.ones((dim,), jnp.float32), EMBED)
+
+  def __call__(self, x):
+    return rms_norm(x, self.scale[...])
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with RoPE."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    c, n, d = cfg.dim, cfg.num_heads, cfg.head_dim
+    self.cfg = cfg
+    self.wq = _normal(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
+    self.wk = _normal(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
+    self.wv = _normal(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
+    self.wo = _normal(rngs, (n, d, c), (n * d) ** -0.5 / (2 * cfg.num_layers) ** 0.5, HEADS, HEAD_DIM, EMBED)
+
+  def __call__(self, x_BxTxC, positions_BxT, mask_Bx1xTxT):
+    dt = x_BxTxC.dtype
+    q = jnp.einsum("btc,cnd->btnd", x_BxTxC, self.wq[...].astype(dt))
+    k = jnp.einsum("btc,cnd->btnd", x_BxTxC, self.wk[...].astype(dt))
+    v = jnp.einsum("btc,cnd->btnd", x_BxTxC, self.wv[...].astype(dt))
+    q = rope(q, positions_BxT, self.cfg.rope_theta)
+    k = rope(k, positions_BxT, self.cfg.rope_theta)
+    logits_BxNxTxS = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    logits_BxNxTxS = logits_BxNxTxS * self.cfg.head_dim**-0.5
+    logits_BxNxTxS = jnp.where(mask_Bx1xTxT, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(dt)
+    out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs, v)
+    return jnp.einsum("btnd,ndc->btc", out_BxTxNxD, self.wo[...].astype(dt))
+
+
+class SwiGLU(nnx.Module):
+  """Dense feed-forward W_down (silu(x W_gate) * (x W_up))."""
+
+  def __init__(self, dim: int, mlp_dim: int, num_layers: int, *, rngs: nnx.Rngs):
+    self.w_gate = _normal(rngs, (dim, mlp_dim), dim**-0.5, EMBED, MLP)
+    self.w_up = _normal(rngs, (dim, mlp_dim), dim**-0.5, EMBED, MLP)
+    self.w_down = _normal(rngs, (mlp_dim, dim), mlp_dim**-0.5 / (2 * num_layers) ** 0.5, MLP, EMBED)
+
+  def __call__(self, x):
+    dt = x.dtype
+    h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+    return h @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, index: int, pool: ValueTable | None, *, backend: str, rngs: nnx.Rngs):
+    self.kind = cfg.block_kind(index)
+    self.attn_norm = RMSNorm(cfg.dim)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.dim)
+    if self.kind == "dense":
+      self.ffn = SwiGLU(cfg.dim, cfg.mlp_dim, cfg.num_layers, rngs=rngs)
+    elif self.kind == "moe":
+      self.ffn = MoE(cfg.dim, cfg.moe, cfg.moe_mlp_dim, cfg.num_layers, rngs=rngs)
+    else:
+      self.ffn = ProductKeyMemory(cfg.dim, cfg.memory.layer, values=pool, backend=backend, rngs=rngs)
+
+  def __call__(self, x_BxTxC, positions_BxT, mask, value_tap=None):
+    h = x_BxTxC + self.attn(self.attn_norm(x_BxTxC), positions_BxT, mask)
+    y = self.ffn_norm(h)
+    aux = {}
+    if self.kind == "dense":
+      out = self.ffn(y)
+    elif self.kind == "moe":
+      out, aux["moe_loss"] = self.ffn(y)
+    else:
+      r = self.ffn.read(y, value_tap=value_tap)
+      out, aux["memory"] = r.out, r
+    return h + out, aux
+
+
+class LM(nnx.Module):
+  """The language model. ``LM(cfg, rngs=nnx.Rngs(0))(tokens)`` -> ``(logits, aux)``.
+
+  Example:
+    >>> cfg = ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
+    >>> logits, aux = LM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((2, 8), jnp.int32))
+    >>> logits.shape
+    (2, 8, 50)
+  """
+
+  def __init__(self, cfg: ModelConfig, *, backend: str = "auto", rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _normal(rngs, (cfg.vocab_size, cfg.dim), 1.0, VOCAB, EMBED)
+    if not cfg.tie_embeddings:
+      self.unembed = _normal(rngs, (cfg.dim, cfg.vocab_size), cfg.dim**-0.5, EMBED, VOCAB)
+    mem = cfg.memory
+    # One pool for all memory blocks when shared; otherwise each memory block creates its own.
+    self.pool = ValueTable(mem.layer, rngs=rngs) if (mem.layers and mem.shared) else None
+    self.blocks = nnx.List([Block(cfg, i, self.pool, backend=backend, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.dim)
+
+  @property
+  def memory_blocks(self) -> list[int]:
+    return [i for i, b in enumerate(self.blocks) if b.kind == "memory"]
+
+  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, *, value_taps=None):
+    """Logits [B, T, V] (fp32) and aux; ``value_taps``: one [B, T, Dv] zero array per memory block."""
+    b, t = tokens_BxT.shape
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    dt = COMPUTE_DTYPES[self.cfg.dtype]
+    table = self.embed[...]
+    x = jnp.take(table, tokens_BxT, axis=0).astype(dt)  # [B, T, C]
+    mask = attention_mask(segment_ids_BxT)
+    moe_loss = jnp.zeros((), jnp.float32)
+    memory: list[MemoryOutput] = []
+    taps = list(value_taps) if value_taps is not None else None
+    for block in self.blocks:
+      tap = taps.pop(0) if (taps is not None and block.kind == "memory") else None
+      x, aux = block(x, positions_BxT, mask, tap)
+      if "moe_loss" in aux:
+        moe_loss = moe_loss + aux["moe_loss"]
+      if "memory" in aux:
+        memory.append(aux["memory"])
+    x = self.final_norm(x)
+    w_out = table.T if self.cfg.tie_embeddings else self.unembed[...]
+    logits = jnp.einsum("btc,cv->btv", x, w_out.astype(dt), preferred_element_type=jnp.float32)
+    if self.cfg.tie_embeddings:
+      logits = logits * self.cfg.dim**-0.5
+    return logits, {"moe_loss": moe_loss, "memory": memory}
