@@ -82,6 +82,7 @@ class StepFns:
   model_tx: optax.GradientTransformation
   value_tx: optax.GradientTransformation | None
   init: Any  # rng seed -> state
+  grads: Any  # (state, batch) -> (loss, aux, param grads, value grads)
   train_step: Any  # (state, batch) -> (state, metrics)
   eval_step: Any  # (state, batch) -> metrics with the lookups
 
@@ -116,32 +117,43 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
     lookups = [(r.indices, r.weights) for r in aux["memory"]]
     return ce + aux["moe_loss"], (ce, aux["moe_loss"], count, lookups)
 
-  def train_step(state, batch):
+  def grads(state, batch):
+    """Loss, aux and gradients. The value gradient is dense (a State like ``values``) in dense
+    mode, and ``{pool key: (rows [U], row_grads [U, Dv])}`` in sparse mode."""
     params, values = state["params"], state["values"]
     b, t = batch["inputs"].shape
-    if sparse:
-      dv = model_cfg.memory.layer.value_dim
-      taps = [jnp.zeros((b, t, dv), jnp.float32) for _ in abstract.memory_blocks]
-      (loss, (ce, moe_loss, count, lookups)), (g_params, g_taps) = jax.value_and_grad(
-          lambda p, tp: forward(p, values, batch, tp), argnums=(0, 1), has_aux=True)(params, taps)
-    else:
-      (loss, (ce, moe_loss, count, lookups)), (g_params, g_values) = jax.value_and_grad(
+    if not sparse:
+      (loss, aux), (g_params, g_values) = jax.value_and_grad(
           lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
-    grad_norm = optax.global_norm(g_params)
+      return loss, aux, g_params, g_values
+    dv = model_cfg.memory.layer.value_dim
+    taps = [jnp.zeros((b, t, dv), jnp.float32) for _ in abstract.memory_blocks]
+    (loss, aux), (g_params, g_taps) = jax.value_and_grad(
+        lambda p, tp: forward(p, values, batch, tp), argnums=(0, 1), has_aux=True)(params, taps)
+    lookups = aux[3]
+    g_values = {}
+    for path, readers in pools:
+      # All lookups of the memory blocks reading this pool: [R, B, T, H*k] and [R, B, T, Dv].
+      idx = jnp.stack([lookups[j][0].reshape(b, t, -1) for j in readers])
+      wts = jnp.stack([lookups[j][1].reshape(b, t, -1) for j in readers])
+      dys = jnp.stack([g_taps[j] for j in readers])
+      g_values["/".join(map(str, path))] = embedding_bag_row_grads(idx, wts, dys, num_slots)
+    return loss, aux, g_params, g_values
+
+  def train_step(state, batch):
+    params, values = state["params"], state["values"]
+    loss, (ce, moe_loss, count, _), g_params, g_values = grads(state, batch)
+    grad_norm = optax.tree.norm(g_params)
     step = state["step"]
 
     if sparse:
-      new_values, new_value_opt, sq_norm = values, dict(state["value_opt"]), 0.0
+      new_value_opt, sq_norm = dict(state["value_opt"]), 0.0
       flat = _flat_values(values)
-      for path, readers in pools:
-        # All lookups of the memory blocks reading this pool: [R, B, T, H*k] and [R, B, T, Dv].
-        idx = jnp.stack([lookups[j][0].reshape(b, t, -1) for j in readers])
-        wts = jnp.stack([lookups[j][1].reshape(b, t, -1) for j in readers])
-        dys = jnp.stack([g_taps[j] for j in readers])
-        rows, row_grads = embedding_bag_row_grads(idx, wts, dys, num_slots)
+      for path, _ in pools:
+        key = "/".join(map(str, path))
+        rows, row_grads = g_values[key]
         row_grads, norm = clip_rows(row_grads, train_cfg.value_clip)
         sq_norm = sq_norm + norm**2
-        key = "/".join(map(str, path))
         table, opt = sparse_adam_update(
             flat[path][...], state["value_opt"][key], rows, row_grads, value_lr(step),
             b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.value_weight_decay)
@@ -150,7 +162,7 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
       new_values = nnx.from_flat_state(flat)
       value_grad_norm = jnp.sqrt(sq_norm)
     else:
-      value_grad_norm = optax.global_norm(g_values)
+      value_grad_norm = optax.tree.norm(g_values)
       updates, new_value_opt = value_tx.update(g_values, state["value_opt"], values)
       new_values = optax.apply_updates(values, updates)
 
@@ -172,7 +184,7 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
     _, (ce, _, count, lookups) = forward(state["params"], state["values"], batch, None)
     return {"ce": ce, "tokens": count, "lookups": lookups}
 
-  return StepFns(graphdef, pools, model_tx, value_tx, init, train_step, eval_step)
+  return StepFns(graphdef, pools, model_tx, value_tx, init, grads, train_step, eval_step)
 
 
 # ----- sharding of the state ---------------------------------------------------------------------
