@@ -464,13 +464,16 @@ class EvalConfig:
   qa_from_kb: bool = True
   qa_max_items: int = 512
   qa_batch_size: int = 64
-  qa_max_answer_tokens: int = 24
+  qa_max_answer_tokens: int = 0  # 0 = one more than the longest answer's tokens
+  qa_seq_len: int = 64  # decoding window; 0 = train.seq_len
   eval_batches: int = 4
 
   def __post_init__(self):
     if self.qa_jsonl is not None and (not isinstance(self.qa_jsonl, str) or not self.qa_jsonl):
       _fail("eval.qa_jsonl", self.qa_jsonl, "must be a path to a JSONL file or None")
     _check_bool("eval", "qa_from_kb", self.qa_from_kb)
-    for name in ("qa_max_items", "qa_batch_size", "qa_max_answer_tokens"):
+    for name in ("qa_max_items", "qa_batch_size"):
       _pos_int(f"eval.{name}", getattr(self, name))
+    _pos_int("eval.qa_max_answer_tokens", self.qa_max_answer_tokens, allow_zero=True)
+    _pos_int("eval.qa_seq_len", self.qa_seq_len, allow_zero=True)
     _pos_int("eval.eval_batches", self.eval_batches, allow_zero=True)

@@ -1,0 +1,325 @@
+"""The training loop: data -> sharded state -> jitted step -> logs, evaluation, checkpoints.
+
+``run(config, workdir)`` is what ``train.py`` calls; tests and notebooks call it too. It
+  1. checks the workdir is writable and builds the data pipeline (the tokenizer fixes the vocabulary);
+  2. builds the mesh (``config.mesh``) and the state's shardings from the logical axis rules;
+  3. restores the latest checkpoint of the workdir (refusing one written for other shapes) or
+     initialises the state sharded (eval_shape -> shardings -> jit(init));
+  4. runs the step jitted once with explicit shardings and a donated state, reading step N-1's
+     metrics after dispatching step N;
+  5. logs to ``metrics.jsonl``, TensorBoard and a progress bar; evaluates every ``eval_every`` steps;
+     checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM / SIGINT;
+  6. exports a parameters-only checkpoint to ``<workdir>/export`` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from memjax import sharding
+from memjax.checkpoint import Checkpointer, abstract_with_shardings, export_params
+from memjax.config import ConfigError
+from memjax.metrics import memory_usage
+from memjax.run_config import Config, config_to_dict, shape_mismatch
+from memjax.train_lib import BATCH_KEYS, make_step_fns, state_shardings
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot continue (non-finite loss, mismatched workdir, failed save); one-line message."""
+
+
+class Interrupted(Exception):
+  """Raised after a checkpoint was saved because of SIGTERM / SIGINT; ``code`` is 128 + signal."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"received {signal.Signals(signum).name} at step {step}: checkpoint saved; "
+                     "re-run the same command to resume")
+    self.code = 128 + signum
+    self.step = step
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates ``workdir`` and proves it writable, or raises ``ConfigError`` naming it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
+
+
+class _Logger:
+  """metrics.jsonl + TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:  # pragma: no cover - tensorboardX is a dependency
+        self.tb = None
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) and not isinstance(v, bool)
+                 else v) for k, v in record.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(clean, sort_keys=True) + "\n")
+    if self.tb is not None:
+      for k, v in clean.items():
+        if k != "step" and isinstance(v, float):
+          self.tb.add_scalar(k, v, int(record["step"]))
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  metrics: dict
+  workdir: str
+
+
+def _global_batch(batch: dict, batch_sh: NamedSharding, global_batch: int) -> dict:
+  out = {}
+  for key in BATCH_KEYS:
+    local = np.asarray(batch[key])
+    out[key] = jax.make_array_from_process_local_data(batch_sh, local, (global_batch, *local.shape[1:]))
+  return out
+
+
+def evaluate(cfg: Config, fns, eval_fn, logits_fn, state, pipe, batch_sh, *, final: bool) -> dict:
+  """Validation loss, memory usage over the validation lookups, and QA exact match."""
+  out: dict[str, Any] = {}
+  lookups_by_pool: dict[str, list] = {}
+  if pipe.validation is not None and cfg.eval.eval_batches > 0:
+    it = pipe.validation()
+    total, count = 0.0, 0.0
+    for _ in range(cfg.eval.eval_batches):
+      try:
+        batch = next(it)
+      except StopIteration:
+        break
+      metrics = eval_fn(state, _global_batch(batch, batch_sh, cfg.train.batch_size))
+      n = float(metrics["tokens"])
+      total += float(metrics["ce"]) * n
+      count += n
+      for path, readers in fns.pools:
+        key = "/".join(map(str, path))
+        for j in readers:
+          idx, w = metrics["lookups"][j]
+          lookups_by_pool.setdefault(key, []).append((np.asarray(idx), np.asarray(w)))
+    if count:
+      out["val_loss"] = total / count
+  num_slots = cfg.model.memory.layer.num_slots
+  for key, pairs in lookups_by_pool.items():
+    idx = np.concatenate([p[0].reshape(-1) for p in pairs])
+    w = np.concatenate([p[1].reshape(-1) for p in pairs])
+    usage = memory_usage(jnp.asarray(idx), jnp.asarray(w), num_slots)
+    prefix = "" if len(lookups_by_pool) == 1 else key + "/"
+    out.update({prefix + k: float(v) for k, v in usage.items()})
+  items = list(pipe.qa_items)
+  if items and (cfg.eval.qa_from_kb or cfg.eval.qa_jsonl):
+    from memjax.data.qa import qa_exact_match
+    items = items[:cfg.eval.qa_max_items]
+    result = qa_exact_match(lambda tokens: logits_fn(state, tokens), items, pipe.tokenizer,
+                            batch_size=cfg.eval.qa_batch_size,
+                            max_answer_tokens=cfg.eval.qa_max_answer_tokens or None,
+                            seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len)
+    out["qa_exact_match"] = result["qa_exact_match"]
+    out["qa_n"] = result["n"]
+    out["qa_chance"] = qa_chance(items)
+  return out
+
+
+def qa_chance(items) -> float:
+  """Exact match of the best fact-free guesser: always the most common answer of each attribute."""
+  groups: dict[str, dict[str, int]] = {}
+  for it in items:
+    counts = groups.setdefault(getattr(it, "attribute", "") or "", {})
+    counts[it.answer] = counts.get(it.answer, 0) + 1
+  return sum(max(c.values()) for c in groups.values()) / max(len(items), 1)
+
+
+def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> RunResult:
+  """Trains (or resumes) ``cfg`` in ``workdir`` until ``cfg.train.steps`` (or ``max_steps`` this call)."""
+  from memjax.data import make_pipeline
+  from memjax.model import LM  # noqa: F401  (documents what is trained)
+
+  workdir = os.path.abspath(workdir)
+  check_workdir(workdir)
+  tc = cfg.train
+  nproc, pidx = jax.process_count(), jax.process_index()
+  if tc.batch_size % nproc:
+    raise ConfigError(f"train.batch_size={tc.batch_size} is invalid: must be divisible by the "
+                      f"{nproc} processes")
+  sizes = cfg.mesh.resolve(jax.device_count())
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if tc.batch_size % batch_shards:
+    raise ConfigError(f"train.batch_size={tc.batch_size} is invalid: must be divisible by "
+                      f"mesh.data * mesh.fsdp = {batch_shards}")
+
+  pipe = make_pipeline(**dataclasses.asdict(cfg.data), seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
+                       qa_jsonl=cfg.eval.qa_jsonl, process_index=pidx, process_count=nproc)
+  cfg = cfg.with_vocab(pipe.tokenizer.vocab_size)
+  mesh = sharding.make_mesh(sizes)
+  rules = sharding.axis_rules(cfg.model.memory.value_sharding)
+  fns = make_step_fns(cfg.model, tc, backend=cfg.backend)
+  abstract = jax.eval_shape(fns.init, 0)
+  state_sh = state_shardings(fns, abstract, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  rep = NamedSharding(mesh, PartitionSpec())
+
+  ckpt = Checkpointer(workdir, max_to_keep=tc.max_checkpoints)
+  config_json = config_to_dict(cfg)
+  logger = _Logger(workdir, enabled=(pidx == 0))
+  start = ckpt.latest_step()
+  if start is not None:
+    saved = ckpt.read_config(start)
+    if saved is not None:
+      diff = shape_mismatch(saved, cfg)
+      if diff:
+        raise TrainingError(f"workdir {workdir} holds a run with other model shapes; differing fields: "
+                            + "; ".join(diff))
+    state, data_state, _ = ckpt.restore(abstract_with_shardings(abstract, state_sh), start)
+    if data_state is not None:
+      pipe.train.set_state(data_state)
+    print(f"resumed from {ckpt.directory}/{start}", flush=True)
+  else:
+    start = 0
+    state = jax.jit(fns.init, static_argnums=(), out_shardings=state_sh)(tc.seed)
+
+  train_step = jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                       donate_argnums=0)
+  eval_fn = jax.jit(fns.eval_step, in_shardings=(state_sh, batch_sh))
+
+  def _logits(state, tokens):
+    from flax import nnx
+    model = nnx.merge(fns.graphdef, state["values"], state["params"])
+    return model(tokens)[0]
+
+  logits_jit = jax.jit(_logits, in_shardings=(state_sh, None))
+
+  def logits_fn(state, tokens):
+    return np.asarray(logits_jit(state, jnp.asarray(tokens, jnp.int32)))
+
+  def save(step_now: int, state_now) -> None:
+    try:
+      ckpt.save(step_now, state_now, data_state=pipe.train.get_state(), config=config_json)
+    except OSError as e:
+      raise TrainingError(f"saving the checkpoint of step {step_now} failed ({e.strerror or e}); "
+                          f"earlier checkpoints in {ckpt.directory} are intact") from None
+
+  received: list[int] = []
+
+  def on_signal(signum, frame):
+    received.append(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+  old_handlers = {}
+  if threading_is_main():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      old_handlers[sig] = signal.signal(sig, on_signal)
+
+  end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
+  tokens_per_step = tc.batch_size * tc.seq_len
+  bar = None
+  if progress and pidx == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               file=sys.stdout, mininterval=1.0)
+  last: dict = {}
+  try:
+    pending = None  # (step, metrics) of the step dispatched last
+    t_last, step_last = time.perf_counter(), start
+    for step in range(start, end):
+      batch = _global_batch(next(pipe.train), batch_sh, tc.batch_size)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        last = _handle_metrics(pending, tc, logger, bar)
+      pending = (step + 1, metrics)
+      done = step + 1
+      if done % tc.log_every == 0 or done == end:
+        now = time.perf_counter()
+        rate = (done - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+        t_last, step_last = now, done
+        pending = (done, {**pending[1], "tokens_per_s": rate, "_log": True})
+      if tc.eval_every and done % tc.eval_every == 0 and done != end:
+        last = _handle_metrics(pending, tc, logger, bar)
+        pending = None
+        ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh, final=False)
+        logger.write({"step": done, **ev})
+      if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != end:
+        if pending is not None:
+          last = _handle_metrics(pending, tc, logger, bar)
+          pending = None
+        save(done, state)
+      if received:
+        if pending is not None:
+          last = _handle_metrics(pending, tc, logger, bar)
+        save(done, state)
+        raise Interrupted(received[0], done)
+    if pending is not None:
+      last = _handle_metrics(pending, tc, logger, bar)
+    final_step = int(jax.device_get(state["step"]))
+    if final_step > start or ckpt.latest_step() is None:
+      save(final_step, state)
+    if final_step >= tc.steps:
+      ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh, final=True)
+      logger.write({"step": final_step, **ev})
+      last = {**last, **ev}
+      if pidx == 0:
+        export_params(os.path.join(workdir, "export"), state["params"], state["values"], config_json)
+    return RunResult(final_step, last, workdir)
+  finally:
+    if bar is not None:
+      bar.close()
+    for sig, handler in old_handlers.items():
+      signal.signal(sig, handler)
+    logger.close()
+    ckpt.close()
+
+
+def threading_is_main() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _handle_metrics(pending, tc, logger: _Logger, bar) -> dict:
+  step, metrics = pending
+  host = {k: (float(v) if k != "_log" else v) for k, v in jax.device_get(metrics).items()}
+  if not host.get("finite", 1.0):
+    if tc.nan_policy == "stop":
+      raise TrainingError(f"non-finite loss or gradient at step {step} (loss={host['loss']}); stopped "
+                          "before saving it: the last checkpoint is intact (train.nan_policy='skip' skips such steps)")
+  if bar is not None:
+    bar.update(step - bar.n)
+    if "tokens_per_s" in host:
+      bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_s']:,.0f}", refresh=False)
+  if host.pop("_log", False):
+    record = {"step": step, **{k: host[k] for k in ("loss", "ce", "moe_loss", "grad_norm", "value_grad_norm",
+                                                   "lr", "value_lr", "tokens_per_s") if k in host}}
+    if not host.get("finite", 1.0):
+      record["skipped"] = True
+    logger.write(record)
+  return host
