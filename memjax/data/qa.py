@@ -1,0 +1,220 @@
+"""QA evaluation: ask a causal LM for the facts back, by batched greedy decoding.
+
+Shapes: ``B`` batch rows, ``T`` the fixed window (``seq_len``), ``V`` vocabulary.
+
+``qa_exact_match(logits_fn, items, tokenizer)`` works in these steps:
+
+1. Each prompt becomes ``[bos] + encode(prompt)``, left-aligned in a row of ``T`` pad ids; a
+   prompt longer than ``T - max_answer_tokens`` keeps its last tokens (counted in
+   ``"prompts_truncated"``). The last batch is filled up with dummy rows, so ``logits_fn`` always
+   sees ``int32 [B, T]`` and is traced once under ``jax.jit``.
+2. For ``max_answer_tokens`` steps: run ``logits_fn(tokens_BxT) -> logits_BxTxV`` over the whole
+   window, take the argmax at each row's last filled position and write it after. The model is
+   causal, so the pad ids to the right change nothing. A row stops at ``eos`` or when its decoded
+   continuation contains a newline; decoding ends early when all rows have stopped.
+3. The continuation is decoded, cut at the first newline and normalised (strip, collapse runs of
+   whitespace). It matches when it starts with the normalised answer and the answer ends on a word
+   boundary: the next character, if any, is not alphanumeric (``"Lyon."`` and ``"Lyon, where"``
+   match ``"Lyon"``; ``"Lyons"`` does not).
+
+Items are ``QAItem``s (or mappings with ``"prompt"`` and ``"answer"``) from the knowledge base's
+``qa`` split (``load_qa_items``) or from a JSONL file of ``{"prompt", "answer"}`` lines
+(``read_qa_jsonl``; extra keys are ignored except ``"attribute"``, which groups the scores).
+
+Example:
+  >>> normalize_answer("  New   York \\n")
+  'New York'
+  >>> answer_matches(" Lyon. Mara studied", "Lyon"), answer_matches(" Lyons", "Lyon")
+  (True, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from memjax.data.errors import DataError
+from memjax.data.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItem:
+  """One question: the prompt ends right before the answer; ``attribute`` groups scores ("" = none)."""
+
+  prompt: str
+  answer: str
+  attribute: str = ""
+
+
+def normalize_answer(text: str) -> str:
+  """Strips and collapses whitespace."""
+  return " ".join(text.split())
+
+
+def answer_matches(continuation: str, answer: str) -> bool:
+  """Whether a decoded continuation gives ``answer`` (see step 3 of the module doc)."""
+  pred = normalize_answer(continuation.split("\n", 1)[0])
+  want = normalize_answer(answer)
+  if not want or not pred.startswith(want):
+    return False
+  return len(pred) == len(want) or not pred[len(want)].isalnum()
+
+
+def _as_item(item: QAItem | Mapping[str, Any]) -> QAItem:
+  if isinstance(item, QAItem):
+    return item
+  return QAItem(str(item["prompt"]), str(item["answer"]), str(item.get("attribute", "") or ""))
+
+
+def read_qa_jsonl(path: str | os.PathLike) -> list[QAItem]:
+  """Reads ``{"prompt": str, "answer": str}`` lines (blank lines skipped).
+
+  Raises ``DataError`` naming the file and line for a malformed line, and for a missing or empty file.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      lines = f.read().split(b"\n")
+  except OSError as err:
+    raise DataError(f"cannot read QA file {path!r}: {err.strerror}") from None
+  items = []
+  for lineno, raw in enumerate(lines, 1):
+    try:
+      line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError:
+      raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError as err:
+      raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+      raise DataError(f'{path}:{lineno}: expected a JSON object with "prompt" and "answer", got '
+                      f"{type(record).__name__}")
+    for key in ("prompt", "answer"):
+      if not isinstance(record.get(key), str):
+        raise DataError(f'{path}:{lineno}: field "{key}" must be a string, got {record.get(key)!r}')
+    if not record["answer"].strip():
+      raise DataError(f'{path}:{lineno}: field "answer" is empty')
+    attribute = record.get("attribute", "")
+    items.append(QAItem(record["prompt"], record["answer"], attribute if isinstance(attribute, str) else ""))
+  if not items:
+    raise DataError(f"QA file {path!r} has no items")
+  return items
+
+
+def load_qa_items(data_dir: str | os.PathLike | None = None, kb: str = "small", kb_seed: int = 0) -> list[QAItem]:
+  """Every fact of a knowledge base once, from its ``qa`` split (building it if needed)."""
+  from memjax.data.config import default_data_dir
+  from memjax.data.knowledge import prepare_knowledge
+
+  builder = prepare_knowledge(data_dir if data_dir is not None else default_data_dir(), kb, kb_seed)
+  source = builder.as_data_source("qa")
+  return [QAItem(r["prompt"].decode(), r["answer"].decode(), r["attribute"].decode())
+          for r in (source[i] for i in range(len(source)))]
+
+
+def qa_exact_match(
+    logits_fn: Callable[[np.ndarray], Any],
+    items: Sequence[QAItem | Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int = 32,
+    max_answer_tokens: int | None = None,
+    seq_len: int = 128,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+  """Greedy-decodes an answer after each prompt and scores exact match (see the module doc).
+
+  Args:
+    logits_fn: causal LM, ``int32 [B, T] -> float [B, T, V]`` (numpy or jax arrays).
+    items: ``QAItem``s or mappings with ``"prompt"``, ``"answer"`` (and optional ``"attribute"``).
+    tokenizer: the tokenizer the model was trained with.
+    batch_size: ``B`` rows per ``logits_fn`` call.
+    max_answer_tokens: decoding steps; ``None`` means one more than the longest
+      ``encode(" " + answer)`` among the items.
+    seq_len: the fixed window ``T``.
+    return_predictions: also return ``"predictions"``, one dict per item.
+
+  Returns:
+    ``{"qa_exact_match": float, "n": int, "prompts_truncated": int}``, plus
+    ``"by_attribute": {attribute: float}`` when items carry attributes and ``"predictions"``
+    (``prompt``, ``answer``, ``prediction`` (normalised continuation), ``correct``) if asked.
+  """
+  items = [_as_item(it) for it in items]
+  if not items:
+    raise DataError("qa_exact_match needs at least one item, got none")
+  for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise DataError(f"qa_exact_match {name}={value!r} must be a positive int")
+  if max_answer_tokens is None:
+    max_answer_tokens = 1 + max(len(tokenizer.encode(" " + it.answer)) for it in items)
+  if isinstance(max_answer_tokens, bool) or not isinstance(max_answer_tokens, int) or max_answer_tokens <= 0:
+    raise DataError(f"qa_exact_match max_answer_tokens={max_answer_tokens!r} must be a positive int")
+  if max_answer_tokens >= seq_len:
+    raise DataError(f"qa_exact_match max_answer_tokens={max_answer_tokens} must be < seq_len={seq_len} "
+                    "(the window must hold the prompt's last token and the answer)")
+
+  max_prompt = seq_len - max_answer_tokens
+  prompts, truncated = [], 0
+  for it in items:
+    ids = [tokenizer.bos_id] + tokenizer.encode(it.prompt)
+    if len(ids) > max_prompt:
+      ids, truncated = ids[-max_prompt:], truncated + 1
+    prompts.append(ids)
+
+  continuations: list[str] = []
+  for start in range(0, len(items), batch_size):
+    continuations.extend(_greedy_batch(logits_fn, prompts[start:start + batch_size], tokenizer,
+                                       batch_size=batch_size, seq_len=seq_len, steps=max_answer_tokens))
+
+  correct = [answer_matches(c, it.answer) for c, it in zip(continuations, items)]
+  result: dict[str, Any] = {"qa_exact_match": float(np.mean(correct)), "n": len(items),
+                            "prompts_truncated": truncated}
+  if any(it.attribute for it in items):
+    groups: dict[str, list[bool]] = {}
+    for it, ok in zip(items, correct):
+      groups.setdefault(it.attribute, []).append(ok)
+    result["by_attribute"] = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+  if return_predictions:
+    result["predictions"] = [
+        {"prompt": it.prompt, "answer": it.answer, "prediction": normalize_answer(c.split("\n", 1)[0]),
+         "correct": ok} for it, c, ok in zip(items, continuations, correct)]
+  return result
+
+
+def _greedy_batch(logits_fn, prompts: list[list[int]], tokenizer: Tokenizer, *, batch_size: int,
+                  seq_len: int, steps: int) -> list[str]:
+  """Decoded continuations of up to ``batch_size`` prompts (fixed ``[B, T]`` calls)."""
+  n = len(prompts)
+  tokens_BxT = np.full((batch_size, seq_len), tokenizer.pad_id, np.int32)
+  length_B = np.ones(batch_size, np.int64)
+  tokens_BxT[n:, 0] = tokenizer.bos_id  # dummy rows
+  for b, ids in enumerate(prompts):
+    tokens_BxT[b, :len(ids)] = ids
+    length_B[b] = len(ids)
+  done_B = np.arange(batch_size) >= n
+  generated: list[list[int]] = [[] for _ in range(n)]
+  rows_B = np.arange(batch_size)
+  for _ in range(steps):
+    logits_BxTxV = np.asarray(logits_fn(tokens_BxT))
+    next_B = np.argmax(logits_BxTxV[rows_B, length_B - 1], axis=-1).astype(np.int32)
+    for b in np.flatnonzero(~done_B):
+      tok = int(next_B[b])
+      if tok == tokenizer.eos_id:
+        done_B[b] = True
+        continue
+      generated[b].append(tok)
+      tokens_BxT[b, length_B[b]] = tok
+      length_B[b] += 1
+      if "\n" in tokenizer.decode(generated[b]):
+        done_B[b] = True
+    if done_B.all():
+      break
+  return [tokenizer.decode(ids) for ids in generated]
