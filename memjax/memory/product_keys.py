@@ -43,12 +43,34 @@ def _check_topk_args(query, keys, k: int) -> tuple[int, int, int]:
 
 
 def subkey_scores(query_xHxK, keys_Hx2xNxK2):
-  """Scores of each query half against its sub-keys: ([..., H, n], [..., H, n]) in fp32."""
+  """Scores of each query half against its sub-keys: ([..., H, n], [..., H, n]) in fp32.
+
+  Computed head-major ([H, tokens, Dk/2] x [H, n, Dk/2]), a plain batched matmul: on CPU about
+  twice as fast as contracting with the head axis in the middle.
+  """
   half = keys_Hx2xNxK2.shape[-1]
-  q1, q2 = query_xHxK[..., :half], query_xHxK[..., half:]
-  s1 = jnp.einsum("...hd,hnd->...hn", q1, keys_Hx2xNxK2[:, 0], preferred_element_type=jnp.float32)
-  s2 = jnp.einsum("...hd,hnd->...hn", q2, keys_Hx2xNxK2[:, 1], preferred_element_type=jnp.float32)
+  lead, heads = query_xHxK.shape[:-2], query_xHxK.shape[-2]
+  q_HxNxK = jnp.moveaxis(query_xHxK.reshape(-1, heads, 2 * half), 1, 0)  # [H, N, Dk]
+
+  def half_scores(q_half, keys_half):
+    s_HxNxn = jnp.einsum("htd,hnd->htn", q_half, keys_half, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(s_HxNxn, 0, 1).reshape(*lead, heads, -1)  # [..., H, n]
+
+  s1 = half_scores(q_HxNxK[..., :half], keys_Hx2xNxK2[:, 0])
+  s2 = half_scores(q_HxNxK[..., half:], keys_Hx2xNxK2[:, 1])
   return s1, s2
+
+
+def _selected_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
+  """<q1, K1[i]> + <q2, K2[j]> from gathered sub-keys: O(k Dk) per head, differentiable."""
+  half = keys_Hx2xNxK2.shape[-1]
+  heads = keys_Hx2xNxK2.shape[0]
+  h_idx = jnp.arange(heads).reshape((1,) * (i_xHxk.ndim - 2) + (heads, 1))
+  k1 = keys_Hx2xNxK2[:, 0][h_idx, i_xHxk]  # [..., H, k, Dk/2]
+  k2 = keys_Hx2xNxK2[:, 1][h_idx, j_xHxk]
+  q1, q2 = query_xHxK[..., :half], query_xHxK[..., half:]
+  return (jnp.einsum("...hd,...hkd->...hk", q1, k1, preferred_element_type=jnp.float32)
+          + jnp.einsum("...hd,...hkd->...hk", q2, k2, preferred_element_type=jnp.float32))
 
 
 def product_key_topk(query, keys, k: int):
@@ -76,7 +98,8 @@ def product_key_topk(query, keys, k: int):
     ((5, 2, 4), (5, 2, 4))
   """
   _, n, _ = _check_topk_args(query, keys, k)
-  s1, s2 = subkey_scores(query, keys)  # [..., H, n] each
+  # Selection (no gradient): all n sub-key scores per half, then the k x k candidate grid.
+  s1, s2 = subkey_scores(jax.lax.stop_gradient(query), jax.lax.stop_gradient(keys))  # [..., H, n]
   top1, i1 = jax.lax.top_k(s1, k)  # [..., H, k]
   top2, i2 = jax.lax.top_k(s2, k)  # [..., H, k]
   cand = top1[..., :, None] + top2[..., None, :]  # [..., H, k, k]
@@ -85,6 +108,11 @@ def product_key_topk(query, keys, k: int):
   i = jnp.take_along_axis(i1, flat // k, axis=-1)
   j = jnp.take_along_axis(i2, flat % k, axis=-1)
   indices = (i * n + j).astype(jnp.int32)
+  # Gradient: only the k chosen slots' scores depend on the parameters, so differentiate a
+  # recomputation from the gathered sub-keys (O(k) per head) instead of the dense [..., n]
+  # scores (O(n)); the forward value stays the exact top-k sums.
+  chosen = _selected_scores(query, keys, i, j)
+  scores = scores + (chosen - jax.lax.stop_gradient(chosen))
   return scores, indices
 
 
