@@ -91,6 +91,11 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
   """Builds the pure init / train / eval functions for one model and optimizer configuration."""
   sparse = model_cfg.memory.value_update == "sparse"
   num_slots = model_cfg.memory.layer.num_slots
+  if sparse and backend == "auto":
+    # The sparse step updates the donated table in place. An opaque kernel (custom call) that reads
+    # the table makes XLA copy the whole table first (O(slots) per step, measured); XLA's own
+    # gather does not. So sparse steps read the table with the "xla" backend unless told otherwise.
+    backend = "xla"
   model_tx = make_model_tx(train_cfg)
   value_tx = None if sparse else make_dense_value_tx(train_cfg)
   value_lr = lr_schedule(train_cfg.value_learning_rate, train_cfg)

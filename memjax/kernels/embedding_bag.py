@@ -13,6 +13,16 @@ Gradients (memory-layers.md §4):
 ``embedding_bag`` is a ``jax.custom_vjp`` whose forward and backward are chosen by ``backend``.
 Backends register an ``EmbeddingBagBackend`` in ``BACKENDS``; ``xla`` is the plain-jnp reference.
 The output dtype is ``jnp.result_type(values, weights)``; accumulation is always fp32.
+
+Backends (each value gradient is atomic-free and deterministic: lookups sorted by row, each row sums
+its own run; the weight gradient is a gather and a dot):
+  xla                   plain jnp (take + einsum, dense scatter-add): the reference
+  xla_loop              pure XLA tuned for CPU: a loop over the bag dimension, sort + segment sum
+  cpu                   C++ kernels through the XLA FFI (cpu.py), falling back to xla_loop
+  pallas_gpu            Pallas, Triton lowering (pallas_gpu.py)
+  pallas_tpu            Pallas, Mosaic lowering, indices by scalar prefetch (pallas_tpu.py)
+  pallas_*_interpret    the same kernels in Pallas interpret mode: run anywhere (tests on CPU)
+``auto`` takes the first of ``AUTO_ORDER[jax.default_backend()]`` that accepts the arguments.
 """
 
 from __future__ import annotations
@@ -24,6 +34,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from memjax.kernels import cpu, pallas_gpu, pallas_tpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +45,20 @@ class EmbeddingBagBackend:
 
   ``forward(values [M, Dv], indices [B, L], weights [B, L]) -> [B, Dv]`` (in fp32 or the output dtype);
   ``backward(values, indices, weights, d_out [B, Dv]) -> (d_values [M, Dv], d_weights [B, L])``.
+  Optional:
+  ``row_grads(indices, weights, d_out, num_slots) -> (rows [N], grads [N, Dv])``, the contract of
+  ``embedding_bag_row_grads`` (None: the sort + segment-sum XLA version);
+  ``check(values, indices, weights, block_sizes)`` raises ValueError naming what the backend cannot
+  take (``auto`` then moves on to the next backend);
+  ``block_sizes``: when the caller passes ``block_sizes``, it reaches forward, backward and row_grads
+  as a keyword (backends without a ``check`` must not be given any).
   """
 
   forward: Callable
   backward: Callable
   platforms: tuple[str, ...] = ("cpu", "gpu", "tpu")
+  row_grads: Callable | None = None
+  check: Callable | None = None
 
 
 # ----- the xla reference backend ----------------------------------------------------------------
@@ -56,16 +78,50 @@ def _xla_backward(values_MxD, idx_BxL, w_BxL, dout_BxD):
   return dv_MxD, dw_BxL
 
 
-BACKENDS: dict[str, EmbeddingBagBackend] = {
-    "xla": EmbeddingBagBackend(_xla_forward, _xla_backward),
-}
+def _no_block_sizes(name):
+  def check(values, idx_BxL, w_BxL, block_sizes=None):
+    del values, idx_BxL, w_BxL
+    if block_sizes is not None:
+      raise ValueError(f"backend {name!r} takes no block sizes, got {block_sizes=}")
+  return check
 
-# Preferred backend per platform, first available wins. Kernel backends add themselves in front.
-AUTO_ORDER: dict[str, list[str]] = {"cpu": ["xla"], "gpu": ["xla"], "tpu": ["xla"]}
+
+BACKENDS: dict[str, EmbeddingBagBackend] = {
+    "xla": EmbeddingBagBackend(_xla_forward, _xla_backward, check=_no_block_sizes("xla")),
+    "xla_loop": EmbeddingBagBackend(cpu.loop_forward, cpu.loop_backward, row_grads=cpu.sorted_row_grads,
+                                    check=_no_block_sizes("xla_loop")),
+    "cpu": EmbeddingBagBackend(cpu.forward, cpu.backward, platforms=("cpu",), row_grads=cpu.row_grads,
+                               check=cpu.check),
+}
+for _interpret, _suffix in ((False, ""), (True, "_interpret")):
+  BACKENDS["pallas_gpu" + _suffix] = EmbeddingBagBackend(
+      functools.partial(pallas_gpu.forward, interpret=_interpret),
+      functools.partial(pallas_gpu.backward, interpret=_interpret),
+      platforms=("gpu",) if not _interpret else ("cpu", "gpu", "tpu"),
+      row_grads=functools.partial(pallas_gpu.row_grads, interpret=_interpret),
+      check=pallas_gpu.check)
+  BACKENDS["pallas_tpu" + _suffix] = EmbeddingBagBackend(
+      functools.partial(pallas_tpu.forward, interpret=_interpret),
+      functools.partial(pallas_tpu.backward, interpret=_interpret),
+      platforms=("tpu",) if not _interpret else ("cpu", "gpu", "tpu"),
+      row_grads=functools.partial(pallas_tpu.row_grads, interpret=_interpret),
+      check=pallas_tpu.check)
+
+# Preferred backends per platform: ``auto`` takes the first registered one that accepts the arguments
+# (its ``check`` passes), so e.g. float16 values on CPU fall through to ``xla``.
+AUTO_ORDER: dict[str, list[str]] = {
+    "cpu": ["cpu", "xla"],
+    "gpu": ["pallas_gpu", "xla"],
+    "tpu": ["pallas_tpu", "xla"],
+}
 
 
 def resolve_backend(backend: str) -> str:
-  """Maps ``backend`` ("auto" or a name in ``BACKENDS``) to a concrete registered backend name."""
+  """Maps ``backend`` ("auto" or a name in ``BACKENDS``) to a concrete registered backend name.
+
+  "auto" gives the first registered name in ``AUTO_ORDER[jax.default_backend()]`` (``embedding_bag``
+  additionally skips backends whose ``check`` rejects its arguments).
+  """
   if backend == "auto":
     platform = jax.default_backend()
     for name in AUTO_ORDER.get(platform, ["xla"]):
@@ -77,22 +133,104 @@ def resolve_backend(backend: str) -> str:
   return backend
 
 
+def _select(backend: str, values, idx_BxL, w_BxL, block_sizes) -> str:
+  """The backend to run: explicit names are checked (errors propagate); auto skips what fails."""
+  if backend != "auto":
+    name = resolve_backend(backend)
+    if BACKENDS[name].check is not None:
+      BACKENDS[name].check(values, idx_BxL, w_BxL, block_sizes)
+    elif block_sizes is not None:
+      raise ValueError(f"backend {name!r} takes no block sizes, got {block_sizes=}")
+    return name
+  candidates = [n for n in AUTO_ORDER.get(jax.default_backend(), []) if n in BACKENDS] + ["xla"]
+  reasons = []
+  for name in candidates:
+    try:
+      if BACKENDS[name].check is not None:
+        BACKENDS[name].check(values, idx_BxL, w_BxL, block_sizes)
+      elif block_sizes is not None:
+        raise ValueError(f"backend {name!r} takes no block sizes")
+      return name
+    except ValueError as e:
+      reasons.append(f"{name}: {e}")
+  raise ValueError("no embedding_bag backend accepts these arguments: " + "; ".join(reasons))
+
+
+def _kw(block_sizes):
+  return {} if block_sizes is None else {"block_sizes": block_sizes}
+
+
+# ----- batching: kernels see one flat batch of bags ----------------------------------------------
+
+
+def _map_batch(fn, axis_size, in_batched, *args):
+  """Runs fn once per vmapped element (broadcasting unbatched arguments): always correct."""
+  args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched)]
+  return lax.map(lambda xs: fn(*xs), args)
+
+
+@functools.lru_cache(maxsize=None)
+def _batchable_forward(name: str, block_sizes):
+  """The backend's forward under ``custom_vmap``: vmapped bags fold into the bag batch when the
+  table is shared (one kernel call), else a sequential map."""
+  fn = functools.partial(BACKENDS[name].forward, **_kw(block_sizes))
+
+  @jax.custom_batching.custom_vmap
+  def forward(values, idx_BxL, w_BxL):
+    return fn(values, idx_BxL, w_BxL)
+
+  @forward.def_vmap
+  def _rule(axis_size, in_batched, values, idx_BxL, w_BxL):
+    if in_batched[0]:
+      return _map_batch(forward, axis_size, in_batched, values, idx_BxL, w_BxL), True
+    idx, w = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+              for a, b in zip((idx_BxL, w_BxL), in_batched[1:])]
+    out = forward(values, idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1]))
+    return out.reshape(axis_size, -1, out.shape[-1]), True
+
+  return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _batchable_backward(name: str, block_sizes):
+  """The backend's backward under ``custom_vmap``: per-element gradients by a sequential map."""
+  fn = functools.partial(BACKENDS[name].backward, **_kw(block_sizes))
+
+  @jax.custom_batching.custom_vmap
+  def backward(values, idx_BxL, w_BxL, dout_BxD):
+    return fn(values, idx_BxL, w_BxL, dout_BxD)
+
+  @backward.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    return _map_batch(backward, axis_size, in_batched, *args), (True, True)
+
+  return backward
+
+
+def _forward_fn(name, block_sizes):
+  return BACKENDS[name].forward if name == "xla" else _batchable_forward(name, block_sizes)
+
+
+def _backward_fn(name, block_sizes):
+  return BACKENDS[name].backward if name == "xla" else _batchable_backward(name, block_sizes)
+
+
 # ----- the public op ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bag(backend: str, values, idx_BxL, w_BxL):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _bag(backend: str, block_sizes, values, idx_BxL, w_BxL):
   out_dtype = jnp.result_type(values.dtype, w_BxL.dtype)
-  return BACKENDS[backend].forward(values, idx_BxL, w_BxL).astype(out_dtype)
+  return _forward_fn(backend, block_sizes)(values, idx_BxL, w_BxL).astype(out_dtype)
 
 
-def _bag_fwd(backend, values, idx_BxL, w_BxL):
-  return _bag(backend, values, idx_BxL, w_BxL), (values, idx_BxL, w_BxL)
+def _bag_fwd(backend, block_sizes, values, idx_BxL, w_BxL):
+  return _bag(backend, block_sizes, values, idx_BxL, w_BxL), (values, idx_BxL, w_BxL)
 
 
-def _bag_bwd(backend, residuals, dout_BxD):
+def _bag_bwd(backend, block_sizes, residuals, dout_BxD):
   values, idx_BxL, w_BxL = residuals
-  dv, dw = BACKENDS[backend].backward(values, idx_BxL, w_BxL, dout_BxD)
+  dv, dw = _backward_fn(backend, block_sizes)(values, idx_BxL, w_BxL, dout_BxD)
   d_idx = np.zeros(idx_BxL.shape, dtype=jax.dtypes.float0)
   return dv.astype(values.dtype), d_idx, dw.astype(w_BxL.dtype)
 
@@ -116,14 +254,17 @@ def _check_bag_args(values, indices, weights):
     raise ValueError(f"weights must be a float array, got weights.dtype={weights.dtype}")
 
 
-def embedding_bag(values, indices, weights, *, backend: str = "auto"):
+def embedding_bag(values, indices, weights, *, backend: str = "auto", block_sizes=None):
   """Weighted sum of gathered rows: ``out[..., :] = sum_l weights[..., l] * values[indices[..., l]]``.
 
   Args:
     values: [M, Dv] float table.
-    indices: [..., L] integer rows, each in [0, M).
+    indices: [..., L] integer rows, each in [0, M) (kernel backends clamp others to the table).
     weights: [..., L] float weights.
-    backend: "auto" (best registered backend for the default platform) or a name in ``BACKENDS``.
+    backend: "auto" (the first backend of ``AUTO_ORDER`` for the default platform that accepts the
+      arguments) or a name in ``BACKENDS``; an explicit name raises ValueError naming what it rejects.
+    block_sizes: a Pallas backend's ``BlockSizes`` (``pallas_gpu.BlockSizes``/``pallas_tpu.BlockSizes``);
+      None picks defaults that fit the shapes.
 
   Returns:
     [..., Dv] in ``jnp.result_type(values.dtype, weights.dtype)``, accumulated in fp32.
@@ -136,12 +277,16 @@ def embedding_bag(values, indices, weights, *, backend: str = "auto"):
   """
   values, indices, weights = jnp.asarray(values), jnp.asarray(indices), jnp.asarray(weights)
   _check_bag_args(values, indices, weights)
-  name = resolve_backend(backend)
   lead, bag = indices.shape[:-1], indices.shape[-1]
   idx_BxL = indices.reshape(-1, bag).astype(jnp.int32)
   w_BxL = weights.reshape(-1, bag)
-  out_BxD = _bag(name, values, idx_BxL, w_BxL)
+  name = _select(backend, values, idx_BxL, w_BxL, block_sizes)
+  out_BxD = _bag(name, block_sizes, values, idx_BxL, w_BxL)
   return out_BxD.reshape(*lead, values.shape[1])
+
+
+# The row-gradient kernels only read d_out; backends are asked about a table of this dtype.
+_ROW_GRAD_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def _xla_row_grads(idx_N, w_N, dout_NxD, num_slots):
@@ -157,7 +302,8 @@ def _xla_row_grads(idx_N, w_N, dout_NxD, num_slots):
   return rows, grads
 
 
-def embedding_bag_row_grads(indices, weights, d_out, num_slots: int):
+def embedding_bag_row_grads(indices, weights, d_out, num_slots: int, *, backend: str = "auto",
+                            block_sizes=None):
   """The value gradient of ``embedding_bag`` as (rows, row gradients), never as a [M, Dv] array.
 
   For the row-sparse optimizer: with N = the number of lookups (``indices.size``),
@@ -172,6 +318,9 @@ def embedding_bag_row_grads(indices, weights, d_out, num_slots: int):
     weights: [..., L] weights of the forward pass.
     d_out: [..., Dv] cotangent of the bag output.
     num_slots: M, static.
+    backend: as for ``embedding_bag``; backends with a ``row_grads`` kernel use it (``cpu``: one C++
+      call; Pallas: the segment-sum kernel), the others the sort + segment-sum XLA version.
+    block_sizes: a Pallas backend's ``BlockSizes``, or None.
 
   Example:
     >>> rows, g = embedding_bag_row_grads(jnp.array([[3, 1, 3]]), jnp.array([[1.0, 2.0, 0.5]]),
@@ -184,12 +333,17 @@ def embedding_bag_row_grads(indices, weights, d_out, num_slots: int):
     raise ValueError(f"weights.shape={weights.shape} must equal indices.shape={indices.shape}")
   if d_out.shape[:-1] != indices.shape[:-1]:
     raise ValueError(f"d_out.shape={d_out.shape} must be indices' leading shape {indices.shape[:-1]} + (Dv,)")
-  bag = indices.shape[-1]
-  d = d_out.shape[-1]
-  idx_N = indices.reshape(-1)
-  w_N = weights.reshape(-1)
-  dout_NxD = jnp.broadcast_to(d_out.reshape(-1, 1, d), (idx_N.shape[0] // bag, bag, d)).reshape(-1, d)
-  return _xla_row_grads(idx_N, w_N, dout_NxD, num_slots)
+  bag, d = indices.shape[-1], d_out.shape[-1]
+  idx_BxL = indices.reshape(-1, bag).astype(jnp.int32)
+  w_BxL = weights.reshape(-1, bag)
+  dout_BxD = d_out.reshape(-1, d)
+  table = jax.ShapeDtypeStruct((num_slots, d), d_out.dtype if d_out.dtype in _ROW_GRAD_DTYPES else jnp.float32)
+  name = _select(backend, table, idx_BxL, w_BxL, block_sizes)
+  if BACKENDS[name].row_grads is None:
+    idx_N = idx_BxL.reshape(-1)
+    dout_NxD = jnp.broadcast_to(dout_BxD[:, None, :], (idx_BxL.shape[0], bag, d)).reshape(-1, d)
+    return _xla_row_grads(idx_N, w_BxL.reshape(-1), dout_NxD, num_slots)
+  return BACKENDS[name].row_grads(idx_BxL, w_BxL, dout_BxD, num_slots, **_kw(block_sizes))
 
 
 def embedding_bag_reference(values, indices, weights):

@@ -1,0 +1,275 @@
+"""The ``cpu`` backend: C++ kernels called through the XLA FFI, with a pure-XLA fallback.
+
+Shapes (flattened bags): values [M, Dv] f32|bf16, idx [B, L] int32, w [B, L], d_out [B, Dv], N = B * L.
+
+The kernels live in ``cpu_ffi.cc`` (forward, weight gradient, dense value gradient, row-sparse value
+gradient; fp32 accumulation in vector registers, software prefetch, a stable radix sort of the
+lookups for the atomic-free value gradient, XLA's intra-op thread pool). The library is compiled
+on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``) against
+``jax.ffi.include_dir()`` into ``$MEMJAX_CACHE_DIR`` (default ``~/.cache/memjax``), keyed by a hash
+of the source, compiler, flags, jaxlib version and CPU, so it is built once per machine. Build it
+ahead of time with ``python -c "import memjax.kernels.cpu as c; c.main()"``.
+
+If no compiler is found or the build fails, a ``RuntimeWarning`` says why once, and the backend runs
+the pure-XLA formulations below (``xla_loop``: a loop over the bag dimension for the forward and the
+weight gradient, a sort + segment sum for the value gradient). ``MEMJAX_CPU_FFI=0`` selects that path
+without a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from memjax.kernels import segments
+
+_SOURCE = pathlib.Path(__file__).with_name("cpu_ffi.cc")
+# FFI target name -> symbol in the library.
+_TARGETS = {
+    "memjax_bag_forward": "MemjaxBagForward",
+    "memjax_bag_weight_grad": "MemjaxBagWeightGrad",
+    "memjax_bag_value_grad": "MemjaxBagValueGrad",
+    "memjax_bag_row_grads": "MemjaxBagRowGrads",
+}
+SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "message": str, "lib": CDLL
+
+
+# ----- building and loading the library -------------------------------------------------------------
+
+
+def cache_dir() -> pathlib.Path:
+  """Where compiled kernels are kept: ``$MEMJAX_CACHE_DIR`` or ``$XDG_CACHE_HOME/memjax``."""
+  if os.environ.get("MEMJAX_CACHE_DIR"):
+    return pathlib.Path(os.environ["MEMJAX_CACHE_DIR"])
+  return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "memjax"
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_signature() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _ffi_header() -> str:
+  header = pathlib.Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
+  return hashlib.sha256(header.read_bytes()).hexdigest() if header.exists() else ""
+
+
+def _library_path(cxx: str, flags: tuple[str, ...]) -> pathlib.Path:
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+  key = hashlib.sha256("\0".join([
+      _SOURCE.read_text(), cxx, version, " ".join(flags), jax.__version__, _ffi_header(),
+      platform.machine(), _cpu_signature(),
+  ]).encode()).hexdigest()[:16]
+  return cache_dir() / f"memjax_cpu_ffi_{key}.so"
+
+
+def _compile(cxx: str, flags: tuple[str, ...], out: pathlib.Path) -> str | None:
+  """Compiles the kernels to ``out`` atomically; returns None or the compiler's complaint."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      return f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}"
+    os.replace(tmp, out)  # concurrent builders race harmlessly: each rename is atomic
+    return None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _load() -> tuple[bool, str]:
+  if os.environ.get("MEMJAX_CPU_FFI", "1") == "0":
+    return False, "disabled by MEMJAX_CPU_FFI=0"
+  if not _SOURCE.exists():
+    return False, f"kernel source {_SOURCE} is missing"
+  cxx = _compiler()
+  if cxx is None:
+    return False, "no C++ compiler found ($CXX, g++, c++ or clang++)"
+  errors = []
+  for flags in (_BASE_FLAGS + ("-march=native",), _BASE_FLAGS):
+    path = _library_path(cxx, flags)
+    if not path.exists():
+      error = _compile(cxx, flags, path)
+      if error:
+        errors.append(error)
+        continue
+    try:
+      lib = ctypes.CDLL(str(path))
+      for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, AttributeError) as e:
+      errors.append(f"loading {path}: {e}")
+      continue
+    _state["lib"] = lib
+    return True, f"loaded {path}"
+  return False, "\n".join(errors)
+
+
+def ffi_status() -> tuple[bool, str]:
+  """(available, message): builds and registers the FFI kernels on first call."""
+  with _lock:
+    if "ok" not in _state:
+      _state["ok"], _state["message"] = _load()
+      if not _state["ok"] and os.environ.get("MEMJAX_CPU_FFI", "1") != "0":
+        warnings.warn(
+            "memjax: the C++ CPU kernels for embedding_bag are unavailable, so backend 'cpu' runs its "
+            "slower pure-XLA path. Install a C++17 compiler (e.g. `apt-get install g++`, or set $CXX) "
+            "and restart; set MEMJAX_CPU_FFI=0 to choose the XLA path silently. Reason: "
+            + _state["message"], RuntimeWarning, stacklevel=3)
+    return _state["ok"], _state["message"]
+
+
+# ----- checks -----------------------------------------------------------------------------------------
+
+
+def check(values, idx_BxL, w_BxL, block_sizes=None) -> None:
+  """Raises ValueError if the ``cpu`` backend cannot take these arguments."""
+  del idx_BxL, w_BxL
+  if block_sizes is not None:
+    raise ValueError(f"backend 'cpu' takes no block sizes, got {block_sizes=}")
+  if values.dtype not in SUPPORTED_VALUE_DTYPES:
+    raise ValueError(f"backend 'cpu' supports values.dtype in (float32, bfloat16), got {values.dtype=}")
+  if values.shape[0] >= 2**31:
+    raise ValueError(f"backend 'cpu' indexes rows with int32: num_slots={values.shape[0]} must be < 2**31")
+
+
+# ----- the FFI calls ------------------------------------------------------------------------------------
+
+
+def _ffi_forward(values, idx_BxL, w_BxL):
+  b, d = idx_BxL.shape[0], values.shape[1]
+  call = jax.ffi.ffi_call("memjax_bag_forward", jax.ShapeDtypeStruct((b, d), jnp.float32),
+                          vmap_method="sequential")
+  return call(values, idx_BxL.astype(jnp.int32), w_BxL.astype(jnp.float32))
+
+
+def _ffi_backward(values, idx_BxL, w_BxL, dout_BxD):
+  idx_BxL, dout_BxD = idx_BxL.astype(jnp.int32), dout_BxD.astype(jnp.float32)
+  dw = jax.ffi.ffi_call("memjax_bag_weight_grad", jax.ShapeDtypeStruct(idx_BxL.shape, jnp.float32),
+                        vmap_method="sequential")(values, idx_BxL, dout_BxD)
+  dv = jax.ffi.ffi_call("memjax_bag_value_grad", jax.ShapeDtypeStruct(values.shape, values.dtype),
+                        vmap_method="sequential")(idx_BxL, w_BxL.astype(jnp.float32), dout_BxD)
+  return dv, dw
+
+
+def _ffi_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
+  n, d = idx_BxL.size, dout_BxD.shape[1]
+  call = jax.ffi.ffi_call(
+      "memjax_bag_row_grads",
+      (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n, d), jnp.float32)),
+      vmap_method="sequential")
+  rows, grads = call(idx_BxL.astype(jnp.int32), w_BxL.astype(jnp.float32), dout_BxD.astype(jnp.float32),
+                     num_slots=int(num_slots))
+  return rows, grads
+
+
+# ----- the pure-XLA formulations (backend ``xla_loop``, and the fallback of ``cpu``) ---------------------
+
+
+def loop_forward(values, idx_BxL, w_BxL):
+  """out = sum_l w[:, l] * values[idx[:, l]], one gather of B rows per step: no [B, L, Dv] buffer."""
+  b, d = idx_BxL.shape[0], values.shape[1]
+  w_LxB = w_BxL.astype(jnp.float32).T
+
+  def step(l, acc_BxD):
+    rows_BxD = jnp.take(values, idx_BxL[:, l], axis=0).astype(jnp.float32)
+    return acc_BxD + w_LxB[l][:, None] * rows_BxD
+
+  return lax.fori_loop(0, idx_BxL.shape[1], step, jnp.zeros((b, d), jnp.float32))
+
+
+def loop_weight_grad(values, idx_BxL, dout_BxD):
+  dout_BxD = dout_BxD.astype(jnp.float32)
+
+  def step(carry, idx_B):
+    return carry, jnp.einsum("bd,bd->b", dout_BxD, jnp.take(values, idx_B, axis=0).astype(jnp.float32))
+
+  _, dw_LxB = lax.scan(step, None, idx_BxL.T)
+  return dw_LxB.T
+
+
+def sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
+  """(rows [N], grads [N, Dv]) by a stable sort of the lookups and a sorted segment sum."""
+  bag, n = idx_BxL.shape[1], idx_BxL.size
+  order_N, rows_N = segments.sort_lookups(idx_BxL.reshape(-1).astype(jnp.int32))
+  run_start_N, _, run_rows_N = segments.run_layout(rows_N, num_slots)
+  run_id_N = jnp.cumsum(run_start_N.astype(jnp.int32)) - 1
+  contrib_NxD = (w_BxL.reshape(-1)[order_N].astype(jnp.float32)[:, None]
+                 * jnp.take(dout_BxD.astype(jnp.float32), order_N // bag, axis=0))
+  grads = jax.ops.segment_sum(contrib_NxD, run_id_N, num_segments=n, indices_are_sorted=True)
+  return run_rows_N, grads
+
+
+def loop_backward(values, idx_BxL, w_BxL, dout_BxD):
+  dw = loop_weight_grad(values, idx_BxL, dout_BxD)
+  rows, grads = sorted_row_grads(idx_BxL, w_BxL, dout_BxD, values.shape[0])
+  dv = jnp.zeros(values.shape, values.dtype).at[rows].set(grads.astype(values.dtype), mode="drop",
+                                                          unique_indices=True)
+  return dv, dw
+
+
+# ----- the backend --------------------------------------------------------------------------------------
+
+
+def forward(values, idx_BxL, w_BxL):
+  if ffi_status()[0]:
+    return _ffi_forward(values, idx_BxL, w_BxL)
+  return loop_forward(values, idx_BxL, w_BxL)
+
+
+def backward(values, idx_BxL, w_BxL, dout_BxD):
+  if ffi_status()[0]:
+    return _ffi_backward(values, idx_BxL, w_BxL, dout_BxD)
+  return loop_backward(values, idx_BxL, w_BxL, dout_BxD)
+
+
+def row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
+  if ffi_status()[0] and num_slots < 2**31:
+    return _ffi_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
+  return sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
+
+
+def main(argv=None) -> int:
+  """Builds (if needed) and reports the FFI kernels; exit status 0 if they load."""
+  del argv
+  ok, message = ffi_status()
+  print(("ok: " if ok else "unavailable: ") + message)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
+

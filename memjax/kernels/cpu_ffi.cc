@@ -1,0 +1,510 @@
+// CPU kernels for memjax's embedding bag, called from JAX through the XLA FFI (see cpu.py).
+//
+// Shapes (flattened bags, as in embedding_bag.py):
+//   values [M, D] f32 or bf16, idx [B, L] s32, w [B, L] f32, dout [B, D] f32, N = B * L lookups.
+//
+// Handlers:
+//   MemjaxBagForward      out [B, D] f32      out[b] = sum_l w[b, l] * values[idx[b, l]]
+//   MemjaxBagWeightGrad   dw [B, L] f32       dw[b, l] = <dout[b], values[idx[b, l]]>
+//   MemjaxBagValueGrad    dv [M, D] f32|bf16  dv[r] = sum_{idx[b, l] = r} w[b, l] * dout[b]  (dense)
+//   MemjaxBagRowGrads     rows [N] s32, grads [N, D] f32: the distinct rows ascending (then padding
+//                         equal to num_slots) and their summed gradients (zero on padding)
+//
+// Forward and value gradient are the same computation, a weighted sum over sets of gathered rows
+// (a bag's value rows; a table row's list of d_out rows), done by SumSets below: the set's
+// [16 * NB]-column block is accumulated in NB vector registers (fp32), rows are prefetched
+// Ahead(row bytes) lookups in advance, and each output block is stored once.
+//
+// The value gradient is atomic-free and deterministic: the lookups are sorted by row with a stable
+// LSD radix sort, then each row sums its own run of lookups in lookup order; every output element
+// is written by exactly one thread. Indices are clamped to [0, M) so that a bad index reads a valid
+// row instead of faulting (the op's contract leaves out-of-range indices undefined).
+// Work is split over XLA's intra-op thread pool; the calling thread takes chunks too, so a call
+// completes even when no pool thread is free.
+
+#include <sys/mman.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <condition_variable>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// Aliases keep template commas out of the handler macros at the end.
+using F32R2 = ffi::Buffer<ffi::F32, 2>;
+using S32R1 = ffi::Buffer<ffi::S32, 1>;
+using S32R2 = ffi::Buffer<ffi::S32, 2>;
+
+namespace {
+
+// Lookups prefetched ahead of the one being summed: about kBytesInFlight of rows, 4 to 128 rows.
+constexpr int64_t kBytesInFlight = 64 << 10;
+inline int64_t Ahead(int64_t row_bytes) {
+  return std::clamp<int64_t>(kBytesInFlight / std::max<int64_t>(row_bytes, 1), 4, 128);
+}
+constexpr int kMaxVec = 16;     // vector registers of accumulator: columns per block = 16 * kMaxVec
+
+// ----- scalars, vectors, memory -------------------------------------------------------------------
+
+inline float ToF32(float x) { return x; }
+inline float ToF32(uint16_t x) {  // bf16 bits -> f32
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void FromF32(float f, float* dst) { *dst = f; }
+inline void FromF32(float f, uint16_t* dst) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *dst = static_cast<uint16_t>((bits >> 16) | 0x40);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *dst = static_cast<uint16_t>(bits >> 16);
+}
+
+inline int64_t Clamp(int32_t i, int64_t m) {
+  return i < 0 ? 0 : (i >= m ? m - 1 : static_cast<int64_t>(i));
+}
+
+// 16 floats; GCC lowers it to one zmm, two ymm or four xmm registers, whatever the target has.
+typedef float Vec __attribute__((vector_size(64)));
+typedef uint16_t VecH __attribute__((vector_size(32)));
+typedef uint32_t VecU __attribute__((vector_size(64)));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline Vec Load(const uint16_t* p) {  // 16 bf16 -> 16 f32: widen to 32 bits, shift into the high half
+#if defined(__AVX512F__)
+  const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
+  VecH h;
+  std::memcpy(&h, p, sizeof(h));
+  const VecU u = __builtin_convertvector(h, VecU) << 16;
+#endif
+  Vec v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+inline void Store(uint16_t* p, Vec v) {
+  for (int j = 0; j < 16; ++j) FromF32(v[j], p + j);
+}
+inline float Sum(Vec v) {
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += v[j];
+  return s;
+}
+
+// Asks for transparent huge pages on a large output buffer before its first write: far fewer page
+// faults (XLA hands out fresh mmap-backed buffers). Advisory; errors are ignored.
+inline void AdviseHugePages(void* data, int64_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (bytes < static_cast<int64_t>(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
+// ----- threads ------------------------------------------------------------------------------------
+
+// Runs fn(begin, end) over [0, n) in chunks of at least min_chunk, on the caller and the pool.
+// Chunks are taken dynamically (16 per thread), so a thread that loses its core delays little.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t min_chunk,
+                 const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(threads * 16, (n + min_chunk - 1) / min_chunk);
+  if (threads == 1 || chunks <= 1) {
+    fn(0, n);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t chunks = 0, n = 0;
+    const std::function<void(int64_t, int64_t)>* fn = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->chunks = chunks;
+  state->n = n;
+  state->fn = &fn;  // dereferenced only while chunks remain, i.e. before this call returns
+  auto work = [](State* s) {
+    for (int64_t c; (c = s->next.fetch_add(1, std::memory_order_relaxed)) < s->chunks;) {
+      (*s->fn)(c * s->n / s->chunks, (c + 1) * s->n / s->chunks);
+      if (s->done.fetch_add(1, std::memory_order_acq_rel) + 1 == s->chunks) {
+        std::lock_guard<std::mutex> lock(s->mu);
+        s->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([state, work] { work(state.get()); });
+  work(state.get());
+  // Sleep rather than spin: on a busy machine a spinning caller steals the core a worker needs.
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load(std::memory_order_acquire) == chunks; });
+}
+
+// ----- weighted sums over sets of gathered rows ---------------------------------------------------
+//
+// A problem P describes the sets: P::begin(s) .. P::begin(s + 1) are the items of set s (items are
+// numbered consecutively over all sets), P::row(i) points at item i's row (D elements of P::In),
+// P::weight(i) is its weight, and P::out(s) is where set s's D sums go (P::Out: float or uint16_t).
+
+template <int NB, typename P>
+void SumSetsBlock(const P& p, int64_t d0, int64_t s0, int64_t s1, int64_t last_item) {
+  using In = typename P::In;
+  constexpr int kVecPerLine = 64 / static_cast<int>(16 * sizeof(In));
+  const int64_t ahead = Ahead(p.d * static_cast<int64_t>(sizeof(In)));
+  for (int64_t s = s0; s < s1; ++s) {
+    Vec acc[NB];
+    for (int k = 0; k < NB; ++k) acc[k] = Vec{};
+    for (int64_t i = p.begin(s), e = p.begin(s + 1); i < e; ++i) {
+      const In* row = p.row(i) + d0;
+      const In* next = p.row(std::min(i + ahead, last_item)) + d0;
+      const float w = p.weight(i);
+#pragma GCC unroll 16
+      for (int k = 0; k < NB; ++k) {
+        acc[k] += w * Load(row + 16 * k);
+        if (k % kVecPerLine == 0) __builtin_prefetch(next + 16 * k, 0, 1);
+      }
+    }
+    for (int k = 0; k < NB; ++k) Store(p.out(s) + d0 + 16 * k, acc[k]);
+  }
+}
+
+template <int NB, typename P>
+void SumSetsDispatch(int nb, const P& p, int64_t d0, int64_t s0, int64_t s1, int64_t last_item) {
+  if constexpr (NB > 0) {
+    if (nb == NB) return SumSetsBlock<NB>(p, d0, s0, s1, last_item);
+    return SumSetsDispatch<NB - 1>(nb, p, d0, s0, s1, last_item);
+  }
+}
+
+// Sums the sets [s0, s1) over all D columns.
+template <typename P>
+void SumSets(const P& p, int64_t d, int64_t s0, int64_t s1, int64_t last_item) {
+  int64_t d0 = 0;
+  while (d - d0 >= 16) {
+    const int nb = static_cast<int>(std::min<int64_t>(kMaxVec, (d - d0) / 16));
+    SumSetsDispatch<kMaxVec>(nb, p, d0, s0, s1, last_item);
+    d0 += 16 * nb;
+  }
+  for (int64_t s = s0; s < s1 && d0 < d; ++s) {  // fewer than 16 columns left
+    float acc[16] = {};
+    for (int64_t i = p.begin(s), e = p.begin(s + 1); i < e; ++i)
+      for (int64_t j = d0; j < d; ++j) acc[j - d0] += p.weight(i) * ToF32(p.row(i)[j]);
+    for (int64_t j = d0; j < d; ++j) FromF32(acc[j - d0], p.out(s) + j);
+  }
+}
+
+// Bags of the forward pass: set b = bag b, items = its lookups.
+template <typename T>
+struct BagSets {
+  using In = T;
+  using Out = float;
+  const T* values;
+  int64_t m, d, bag;
+  const int32_t* idx;
+  const float* w;
+  float* dst;
+  int64_t begin(int64_t b) const { return b * bag; }
+  const T* row(int64_t i) const { return values + Clamp(idx[i], m) * d; }
+  float weight(int64_t i) const { return w[i]; }
+  float* out(int64_t b) const { return dst + b * d; }
+};
+
+// Runs of sorted lookups of the value gradient: set u = the u-th distinct row, items = its lookups.
+template <typename T>
+struct RunSets {
+  using In = float;
+  using Out = T;
+  const uint64_t* sorted;  // row << 32 | lookup, ascending
+  const int64_t* starts;   // first sorted position of each run, then N
+  int64_t d, bag;
+  const float* w;
+  const float* dout;
+  T* dst;
+  bool dense;  // store run u at row (sorted >> 32), else at u
+  int64_t begin(int64_t u) const { return starts[u]; }
+  const float* row(int64_t p) const { return dout + (static_cast<uint32_t>(sorted[p]) / bag) * d; }
+  float weight(int64_t p) const { return w[static_cast<uint32_t>(sorted[p])]; }
+  int64_t table_row(int64_t u) const { return static_cast<int64_t>(sorted[starts[u]] >> 32); }
+  T* out(int64_t u) const { return dst + (dense ? table_row(u) : u) * d; }
+};
+
+// Stable LSD radix sort of the lookups by (clamped) row: keys row << 32 | lookup, ascending.
+std::vector<uint64_t> SortByRow(const int32_t* idx, int64_t n, int64_t m) {
+  std::vector<uint64_t> a(n), b(n);
+  for (int64_t i = 0; i < n; ++i)
+    a[i] = (static_cast<uint64_t>(Clamp(idx[i], m)) << 32) | static_cast<uint64_t>(i);
+  int bits = 1;
+  while ((int64_t{1} << bits) < m) ++bits;
+  constexpr int kDigit = 11;
+  constexpr int kBuckets = 1 << kDigit;
+  std::vector<int64_t> count(kBuckets);
+  for (int shift = 0; shift < bits; shift += kDigit) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[(a[i] >> (32 + shift)) & (kBuckets - 1)];
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t t = c;
+      c = sum;
+      sum += t;
+    }
+    for (int64_t i = 0; i < n; ++i) b[count[(a[i] >> (32 + shift)) & (kBuckets - 1)]++] = a[i];
+    a.swap(b);
+  }
+  return a;
+}
+
+// Positions where a run of equal rows starts, then n.
+std::vector<int64_t> RunStarts(const std::vector<uint64_t>& sorted) {
+  const int64_t n = static_cast<int64_t>(sorted.size());
+  std::vector<int64_t> starts;
+  starts.reserve(n + 1);
+  for (int64_t p = 0; p < n; ++p)
+    if (p == 0 || (sorted[p] >> 32) != (sorted[p - 1] >> 32)) starts.push_back(p);
+  starts.push_back(n);
+  return starts;
+}
+
+// ----- handlers -----------------------------------------------------------------------------------
+
+template <typename T>
+void Forward(ffi::ThreadPool& pool, const T* values, int64_t m, int64_t d, const int32_t* idx,
+             const float* w, int64_t nbags, int64_t bag, float* out) {
+  const BagSets<T> sets{values, m, d, bag, idx, w, out};
+  const int64_t last = nbags * bag - 1;
+  ParallelFor(pool, nbags, 16, [&](int64_t b0, int64_t b1) { SumSets(sets, d, b0, b1, last); });
+}
+
+ffi::Error BagForward(ffi::ThreadPool pool, ffi::AnyBuffer values, S32R2 idx, F32R2 w,
+                      ffi::Result<F32R2> out) {
+  const auto vd = values.dimensions();
+  const int64_t m = vd[0], d = vd[1];
+  const int64_t nbags = idx.dimensions()[0], bag = idx.dimensions()[1];
+  float* o = out->typed_data();
+  if (m == 0 || bag == 0) {
+    std::fill(o, o + nbags * d, 0.f);
+    return ffi::Error::Success();
+  }
+  switch (values.element_type()) {
+    case ffi::F32:
+      Forward(pool, values.typed_data<float>(), m, d, idx.typed_data(), w.typed_data(), nbags, bag, o);
+      return ffi::Error::Success();
+    case ffi::BF16:
+      Forward(pool, static_cast<const uint16_t*>(values.untyped_data()), m, d, idx.typed_data(),
+              w.typed_data(), nbags, bag, o);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("memjax embedding bag: values must be f32 or bf16");
+  }
+}
+
+// dw[b, l] = <dout[b], values[idx[b, l]]>: the bag's d_out block stays in registers.
+template <int NB, typename T>
+void WeightGradBlock(const T* values, int64_t m, int64_t d, int64_t d0, const int32_t* idx,
+                     const float* dout, int64_t b0, int64_t b1, int64_t bag, float* dw) {
+  constexpr int kVecPerLine = 64 / static_cast<int>(16 * sizeof(T));
+  const int64_t ahead = Ahead(d * static_cast<int64_t>(sizeof(T)));
+  const int64_t last = b1 * bag - 1;
+  for (int64_t b = b0; b < b1; ++b) {
+    Vec g[NB];
+    for (int k = 0; k < NB; ++k) g[k] = Load(dout + b * d + d0 + 16 * k);
+    for (int64_t i = b * bag; i < (b + 1) * bag; ++i) {
+      const T* row = values + Clamp(idx[i], m) * d + d0;
+      const T* next = values + Clamp(idx[std::min(i + ahead, last)], m) * d + d0;
+      Vec acc = Vec{};
+#pragma GCC unroll 16
+      for (int k = 0; k < NB; ++k) {
+        acc += g[k] * Load(row + 16 * k);
+        if (k % kVecPerLine == 0) __builtin_prefetch(next + 16 * k, 0, 1);
+      }
+      dw[i] = (d0 == 0 ? 0.f : dw[i]) + Sum(acc);
+    }
+  }
+}
+
+template <int NB, typename T>
+void WeightGradDispatch(int nb, const T* values, int64_t m, int64_t d, int64_t d0, const int32_t* idx,
+                        const float* dout, int64_t b0, int64_t b1, int64_t bag, float* dw) {
+  if constexpr (NB > 0) {
+    if (nb == NB) return WeightGradBlock<NB>(values, m, d, d0, idx, dout, b0, b1, bag, dw);
+    return WeightGradDispatch<NB - 1>(nb, values, m, d, d0, idx, dout, b0, b1, bag, dw);
+  }
+}
+
+template <typename T>
+void WeightGrad(ffi::ThreadPool& pool, const T* values, int64_t m, int64_t d, const int32_t* idx,
+                const float* dout, int64_t nbags, int64_t bag, float* dw) {
+  ParallelFor(pool, nbags, 16, [&](int64_t b0, int64_t b1) {
+    int64_t d0 = 0;
+    while (d - d0 >= 16) {
+      const int nb = static_cast<int>(std::min<int64_t>(kMaxVec, (d - d0) / 16));
+      WeightGradDispatch<kMaxVec>(nb, values, m, d, d0, idx, dout, b0, b1, bag, dw);
+      d0 += 16 * nb;
+    }
+    if (d0 < d) {  // fewer than 16 columns left
+      for (int64_t i = b0 * bag; i < b1 * bag; ++i) {
+        const T* row = values + Clamp(idx[i], m) * d;
+        const float* g = dout + (i / bag) * d;
+        float s = d0 == 0 ? 0.f : dw[i];
+        for (int64_t j = d0; j < d; ++j) s += g[j] * ToF32(row[j]);
+        dw[i] = s;
+      }
+    }
+  });
+}
+
+ffi::Error BagWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer values, S32R2 idx, F32R2 dout,
+                         ffi::Result<F32R2> dw) {
+  const auto vd = values.dimensions();
+  const int64_t m = vd[0], d = vd[1];
+  const int64_t nbags = idx.dimensions()[0], bag = idx.dimensions()[1];
+  float* o = dw->typed_data();
+  if (m == 0 || d == 0) {
+    std::fill(o, o + nbags * bag, 0.f);
+    return ffi::Error::Success();
+  }
+  switch (values.element_type()) {
+    case ffi::F32:
+      WeightGrad(pool, values.typed_data<float>(), m, d, idx.typed_data(), dout.typed_data(), nbags,
+                 bag, o);
+      return ffi::Error::Success();
+    case ffi::BF16:
+      WeightGrad(pool, static_cast<const uint16_t*>(values.untyped_data()), m, d, idx.typed_data(),
+                 dout.typed_data(), nbags, bag, o);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("memjax embedding bag: values must be f32 or bf16");
+  }
+}
+
+// Dense dv: chunks of runs; each chunk also zeroes the untouched rows before its runs (the last
+// chunk: after them too), so every row of dv is written exactly once.
+template <typename T>
+void ValueGrad(ffi::ThreadPool& pool, const int32_t* idx, const float* w, const float* dout,
+               int64_t nbags, int64_t bag, int64_t m, int64_t d, T* dv) {
+  AdviseHugePages(dv, m * d * static_cast<int64_t>(sizeof(T)));
+  const int64_t n = nbags * bag;
+  const std::vector<uint64_t> sorted = SortByRow(idx, n, m);
+  const std::vector<int64_t> starts = RunStarts(sorted);
+  const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
+  const RunSets<T> sets{sorted.data(), starts.data(), d, bag, w, dout, dv, /*dense=*/true};
+  auto zero_rows = [&](int64_t r0, int64_t r1) {
+    if (r1 > r0) std::memset(dv + r0 * d, 0, (r1 - r0) * d * sizeof(T));
+  };
+  if (runs == 0) {
+    ParallelFor(pool, m, 1024, zero_rows);
+    return;
+  }
+  ParallelFor(pool, runs, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) zero_rows(u == 0 ? 0 : sets.table_row(u - 1) + 1, sets.table_row(u));
+    if (u1 == runs) zero_rows(sets.table_row(runs - 1) + 1, m);
+    SumSets(sets, d, u0, u1, n - 1);
+  });
+}
+
+ffi::Error BagValueGrad(ffi::ThreadPool pool, S32R2 idx, F32R2 w, F32R2 dout,
+                        ffi::Result<ffi::AnyBuffer> dv) {
+  const auto dd = dv->dimensions();
+  const int64_t m = dd[0], d = dd[1];
+  const int64_t nbags = idx.dimensions()[0], bag = idx.dimensions()[1];
+  if (m == 0 || d == 0) return ffi::Error::Success();
+  switch (dv->element_type()) {
+    case ffi::F32:
+      ValueGrad(pool, idx.typed_data(), w.typed_data(), dout.typed_data(), nbags, bag, m, d,
+                dv->typed_data<float>());
+      return ffi::Error::Success();
+    case ffi::BF16:
+      ValueGrad(pool, idx.typed_data(), w.typed_data(), dout.typed_data(), nbags, bag, m, d,
+                static_cast<uint16_t*>(dv->untyped_data()));
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("memjax embedding bag: d_values must be f32 or bf16");
+  }
+}
+
+ffi::Error BagRowGrads(ffi::ThreadPool pool, S32R2 idx, F32R2 w, F32R2 dout, ffi::Result<S32R1> rows,
+                       ffi::Result<F32R2> grads, int64_t num_slots) {
+  const int64_t nbags = idx.dimensions()[0], bag = idx.dimensions()[1], n = nbags * bag;
+  const int64_t d = dout.dimensions()[1];
+  int32_t* r = rows->typed_data();
+  float* g = grads->typed_data();
+  AdviseHugePages(g, n * d * static_cast<int64_t>(sizeof(float)));
+  if (num_slots <= 0 || n == 0) {
+    std::fill(r, r + n, static_cast<int32_t>(num_slots));
+    std::fill(g, g + n * d, 0.f);
+    return ffi::Error::Success();
+  }
+  const std::vector<uint64_t> sorted = SortByRow(idx.typed_data(), n, num_slots);
+  const std::vector<int64_t> starts = RunStarts(sorted);
+  const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
+  const RunSets<float> sets{sorted.data(), starts.data(), d, bag, w.typed_data(), dout.typed_data(),
+                            g, /*dense=*/false};
+  ParallelFor(pool, n, 256, [&](int64_t u0, int64_t u1) {
+    const int64_t split = std::clamp(runs, u0, u1);  // [u0, split) are runs, [split, u1) padding
+    for (int64_t u = u0; u < split; ++u) r[u] = static_cast<int32_t>(sets.table_row(u));
+    SumSets(sets, d, u0, split, n - 1);
+    std::fill(r + split, r + u1, static_cast<int32_t>(num_slots));
+    if (u1 > split) std::memset(g + split * d, 0, (u1 - split) * d * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagForward, BagForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<S32R2>()
+                                  .Arg<F32R2>()
+                                  .Ret<F32R2>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagWeightGrad, BagWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<S32R2>()
+                                  .Arg<F32R2>()
+                                  .Ret<F32R2>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagValueGrad, BagValueGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<S32R2>()
+                                  .Arg<F32R2>()
+                                  .Arg<F32R2>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagRowGrads, BagRowGrads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<S32R2>()
+                                  .Arg<F32R2>()
+                                  .Arg<F32R2>()
+                                  .Ret<S32R1>()
+                                  .Ret<F32R2>()
+                                  .Attr<int64_t>("num_slots"));

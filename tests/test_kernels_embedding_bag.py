@@ -1,0 +1,248 @@
+"""Every embedding_bag backend against the xla reference: forward, both gradients, row gradients.
+
+Pallas kernels run in interpret mode (``pallas_*_interpret``) on tiny grids; interpret mode fills
+outputs with NaN before the kernel runs, so a parity test also proves every output element is
+written. GPU and TPU kernels are lowered for ``cuda``/``tpu`` from CPU at realistic shapes.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax.kernels import cpu, pallas_gpu, pallas_tpu
+from memjax.kernels.embedding_bag import (AUTO_ORDER, BACKENDS, embedding_bag, embedding_bag_row_grads,
+                                          resolve_backend)
+
+# backend -> (block sizes, value_dim) small enough for interpret mode, with more than one block.
+CASES = {
+    "xla_loop": (None, 24),
+    "cpu": (None, 24),
+    "pallas_gpu_interpret": (pallas_gpu.BlockSizes(block_l=4, block_d=8, block_n=4), 16),
+    "pallas_tpu_interpret": (pallas_tpu.BlockSizes(block_d=128, rows_per_step=4, lookups_per_call=16), 256),
+}
+
+
+def _inputs(seed, m, d, b, bag, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  values = rng.standard_normal((m, d)).astype(dtype)
+  idx = rng.integers(0, m, size=(b, bag)).astype(np.int32)
+  idx[:, 1] = idx[:, 0]        # duplicates inside a bag
+  idx[-1] = idx[0, 0]          # a bag that reads one row only, shared with bag 0
+  w = rng.standard_normal((b, bag)).astype(np.float32)
+  dout = rng.standard_normal((b, d)).astype(np.float32)
+  return values, idx, w, dout
+
+
+def _run(backend, block_sizes, values, idx, w, dout):
+  @jax.jit
+  def f(values, w):
+    out, vjp = jax.vjp(lambda v, ww: embedding_bag(v, idx, ww, backend=backend, block_sizes=block_sizes),
+                       values, w)
+    return out, *vjp(dout.astype(out.dtype))
+  return f(values, w)
+
+
+@pytest.mark.parametrize("backend", sorted(CASES))
+def test_forward_and_gradients_equal_xla(backend):
+  block_sizes, d = CASES[backend]
+  values, idx, w, dout = _inputs(sorted(CASES).index(backend), m=13, d=d, b=3, bag=8)
+  got = _run(backend, block_sizes, values, idx, w, dout)
+  want = _run("xla", None, values, idx, w, dout)
+  for name, g, r in zip(("out", "d_values", "d_weights"), got, want):
+    assert not np.isnan(np.asarray(g)).any(), f"{backend} left {name} elements unwritten"
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"{backend}: {name}")
+
+
+@pytest.mark.parametrize("backend", sorted(CASES))
+def test_row_grads_equal_xla(backend):
+  block_sizes, d = CASES[backend]
+  values, idx, w, dout = _inputs(7, m=29, d=d, b=3, bag=8)
+  fn = jax.jit(embedding_bag_row_grads, static_argnames=("num_slots", "backend", "block_sizes"))
+  rows, grads = fn(idx, w, dout, num_slots=29, backend=backend, block_sizes=block_sizes)
+  want_rows, want_grads = fn(idx, w, dout, num_slots=29, backend="xla")
+  np.testing.assert_array_equal(rows, want_rows)  # distinct rows ascending, then num_slots
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(grads)[np.asarray(rows) == 29] == 0.0)
+
+
+def test_interpret_mode_poisons_unwritten_outputs():
+  """The premise of the parity tests: an output element a kernel never writes comes back NaN."""
+  from jax.experimental import pallas as pl
+
+  def writes_first_half(x_ref, o_ref):
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+      o_ref[...] = x_ref[...]
+
+  out = pl.pallas_call(writes_first_half, grid=(2,), in_specs=[pl.BlockSpec((4,), lambda i: (i,))],
+                       out_specs=pl.BlockSpec((4,), lambda i: (i,)),
+                       out_shape=jax.ShapeDtypeStruct((8,), jnp.float32), interpret=True)(jnp.ones(8))
+  np.testing.assert_array_equal(out[:4], 1.0)
+  assert np.isnan(np.asarray(out[4:])).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "pallas_gpu_interpret", "pallas_tpu_interpret"])
+def test_bf16_values_accumulate_in_fp32(backend):
+  block_sizes, d = CASES[backend]
+  values, idx, w, dout = _inputs(3, m=11, d=d, b=2, bag=8)
+  values = jnp.asarray(values, jnp.bfloat16)
+  out, dv, dw = _run(backend, block_sizes, values, idx, w, dout)
+  want = _run("xla", None, values, idx, w, dout)
+  assert out.dtype == jnp.float32 and dv.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  for g, r in zip((out, dv, dw), want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("d", [8, 16, 300])  # a tail of < 16 columns only; one vector; 256 + 32 + 12
+def test_cpu_kernel_column_blocking(d):
+  values, idx, w, dout = _inputs(d, m=50, d=d, b=5, bag=7)
+  for got, want in zip(_run("cpu", None, values, idx, w, dout), _run("xla", None, values, idx, w, dout)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_value_gradient_is_deterministic():
+  values, idx, w, dout = _inputs(11, m=17, d=40, b=64, bag=16)  # many duplicates per row
+  first = _run("cpu", None, values, idx, w, dout)
+  for _ in range(3):
+    for a, b in zip(first, _run("cpu", None, values, idx, w, dout)):
+      np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "pallas_gpu_interpret"])
+def test_vmap_over_bags_and_grad(backend):
+  block_sizes, d = CASES[backend]
+  values, idx, w, _ = _inputs(5, m=13, d=d, b=3, bag=8)
+  idx3, w3 = np.stack([idx, idx[::-1]]), np.stack([w, -w])
+
+  def loss(v, name, bs):
+    bag = jax.vmap(lambda i, ww: embedding_bag(v, i, ww, backend=name, block_sizes=bs))
+    return (bag(idx3, w3) ** 2).sum()
+
+  got = jax.value_and_grad(loss)(values, backend, block_sizes)
+  want = jax.value_and_grad(loss)(values, "xla", None)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+
+
+# ----- lowering for GPU and TPU from CPU, at realistic shapes ----------------------------------------
+
+M, DV, B, L = 4096, 1024, 8, 128
+
+
+def _lower(backend, platform, dtype):
+  v = jax.ShapeDtypeStruct((M, DV), dtype)
+  i = jax.ShapeDtypeStruct((B, L), jnp.int32)
+  w = jax.ShapeDtypeStruct((B, L), jnp.float32)
+  g = jax.ShapeDtypeStruct((B, DV), jnp.float32)
+
+  def fwd_bwd(v, i, w, g):
+    out, vjp = jax.vjp(lambda v, w: embedding_bag(v, i, w, backend=backend), v, w)
+    return out, vjp(g.astype(out.dtype))
+
+  full = jax.jit(fwd_bwd).trace(v, i, w, g).lower(lowering_platforms=(platform,)).as_text()
+  rows = jax.jit(lambda i, w, g: embedding_bag_row_grads(i, w, g, M, backend=backend)).trace(
+      i, w, g).lower(lowering_platforms=(platform,)).as_text()
+  return full, rows
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
+  full, rows = _lower("pallas_gpu", "cuda", dtype)
+  # forward, weight gradient and value-gradient segment sum; row gradients: the segment sum.
+  assert full.count("__gpu$xla.gpu.triton") == 3
+  assert rows.count("__gpu$xla.gpu.triton") == 1
+  for name in ("memjax_bag_forward", "memjax_bag_weight_grad", "memjax_bag_segment_sum"):
+    assert name in full
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_tpu_lowers_to_mosaic_for_tpu(dtype):
+  full, rows = _lower("pallas_tpu", "tpu", dtype)
+  assert full.count("tpu_custom_call") == 3
+  assert rows.count("tpu_custom_call") == 1
+  for name in ("memjax_bag_forward", "memjax_bag_weight_grad", "memjax_bag_segment_scan"):
+    assert name in full
+
+
+# ----- backends, block sizes and errors ---------------------------------------------------------------
+
+
+def test_auto_order_and_registry():
+  assert resolve_backend("auto") == AUTO_ORDER[jax.default_backend()][0]
+  assert AUTO_ORDER["gpu"][0] == "pallas_gpu" and AUTO_ORDER["tpu"][0] == "pallas_tpu"
+  for name in ("xla", "xla_loop", "cpu", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
+               "pallas_tpu_interpret"):
+    assert name in BACKENDS
+
+
+def test_auto_falls_back_to_xla_for_dtypes_kernels_reject():
+  values, idx, w, _ = _inputs(0, m=5, d=8, b=2, bag=4)
+  out = embedding_bag(values.astype(np.float16), idx, w.astype(np.float16))  # cpu kernel: f32/bf16 only
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(embedding_bag(values, idx, w, backend="xla")), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend,block_sizes,shape,dtype,match", [
+    ("pallas_gpu", pallas_gpu.BlockSizes(block_d=64), (16, 96, 8), np.float32,
+     r"value_dim=96 must be a multiple of block_d=64"),
+    ("pallas_gpu", pallas_gpu.BlockSizes(block_l=16, block_d=64), (16, 64, 8), np.float32,
+     r"bag_size=8 must be a multiple of block_l=16"),
+    ("pallas_tpu", pallas_tpu.BlockSizes(block_d=256), (16, 384, 8), np.float32,
+     r"value_dim=384 must be a multiple of block_d=256"),
+    ("pallas_tpu", pallas_tpu.BlockSizes(block_d=128, rows_per_step=8), (16, 128, 12), np.float32,
+     r"bag_size=12 must be a multiple of rows_per_step=8"),
+    ("pallas_tpu", None, (16, 100, 8), np.float32, r"value_dim=100 must be a multiple of 128"),
+    ("pallas_tpu", None, (16, 128, 8), np.float16, r"values.dtype=dtype\('float16'\)"),
+    ("cpu", None, (16, 64, 8), np.float16, r"values.dtype=dtype\('float16'\)"),
+    ("cpu", pallas_gpu.BlockSizes(), (16, 64, 8), np.float32, r"takes no block sizes"),
+    ("pallas_gpu", pallas_tpu.BlockSizes(), (16, 128, 8), np.float32, r"takes pallas_gpu.BlockSizes"),
+])
+def test_unsupported_shapes_and_dtypes_name_the_values(backend, block_sizes, shape, dtype, match):
+  m, d, bag = shape
+  values = jax.ShapeDtypeStruct((m, d), dtype)
+  idx = jax.ShapeDtypeStruct((4, bag), jnp.int32)
+  w = jax.ShapeDtypeStruct((4, bag), jnp.float32)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda v, i, ww: embedding_bag(v, i, ww, backend=backend, block_sizes=block_sizes),
+                   values, idx, w)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: pallas_gpu.BlockSizes(block_d=96), r"block_d=96 must be a positive power of two"),
+    (lambda: pallas_gpu.BlockSizes(num_stages=0), r"num_stages=0"),
+    (lambda: pallas_tpu.BlockSizes(block_d=100), r"block_d=100 must be a positive multiple of 128"),
+    (lambda: pallas_tpu.BlockSizes(rows_per_step=3, lookups_per_call=16), r"lookups_per_call=16 must be a multiple"),
+])
+def test_block_sizes_validate(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_block_sizes_are_frozen_and_fit_the_shape():
+  bs = pallas_gpu.BlockSizes.for_shape(bag_size=24, value_dim=96)
+  assert (bs.block_l, bs.block_d) == (8, 32)
+  with pytest.raises(AttributeError):
+    bs.block_l = 4  # frozen
+  tpu = pallas_tpu.BlockSizes.for_shape(bag_size=12, value_dim=384)
+  assert (tpu.block_d, tpu.rows_per_step) == (384, 6)
+
+
+def test_cpu_falls_back_to_xla_with_a_clear_message(monkeypatch):
+  saved = dict(cpu._state)
+  monkeypatch.setattr(cpu, "_compiler", lambda: None)
+  cpu._state.clear()
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      ok, message = cpu.ffi_status()
+    assert not ok and "no C++ compiler" in message
+    assert any("C++17 compiler" in str(c.message) for c in caught)
+    values, idx, w, dout = _inputs(2, m=9, d=8, b=2, bag=4)
+    for got, want in zip(_run("cpu", None, values, idx, w, dout), _run("xla", None, values, idx, w, dout)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  finally:
+    cpu._state.clear()
+    cpu._state.update(saved)
