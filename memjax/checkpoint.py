@@ -8,12 +8,19 @@ Layout of a workdir:
 
 Restoring takes an abstract target whose leaves carry the shardings wanted *now*, so a checkpoint
 written on one mesh restores onto any other (1 device -> 8, column -> row, ...).
+
+Crash safety. Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete,
+so a process killed mid-save leaves only a temporary directory, which the next ``Checkpointer``
+removes (``cleanup_tmp_directories``). A step that exists but cannot be read (truncated or corrupted
+files) is moved by ``quarantine`` to ``<workdir>/checkpoints.damaged/`` so the run can fall back to
+the step before it and later save that step number again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -40,8 +47,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.damaged_directory = os.path.abspath(os.path.join(workdir, "checkpoints.damaged"))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -49,6 +58,25 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
+
+  def stray_step_dirs(self) -> list[str]:
+    """Numbered entries of the checkpoint directory that Orbax does not list as finished steps."""
+    if not os.path.isdir(self.directory):
+      return []
+    known = {str(s) for s in self.manager.all_steps()}
+    return sorted(name for name in os.listdir(self.directory) if name.isdigit() and name not in known)
+
+  def quarantine(self, step: int) -> str:
+    """Moves an unreadable step to ``<workdir>/checkpoints.damaged/<step>-<time>``; returns the new path."""
+    os.makedirs(self.damaged_directory, exist_ok=True)
+    target = os.path.join(self.damaged_directory, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"memjax_quarantine_{step}")
+    self.manager.reload()
+    return target
 
   def save(self, step: int, state, *, data_state: Any = None, config: dict | None = None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
@@ -90,12 +118,24 @@ class Checkpointer:
 
 
 def export_params(path: str, params: nnx.State, values: nnx.State, config: dict) -> None:
-  """Writes a parameters-only checkpoint (no optimizer state) with its config to ``path``."""
+  """Writes a parameters-only checkpoint (no optimizer state) with its config to ``path``.
+
+  Call it on every process of a multi-process run (the array save is collective).
+  """
   path = os.path.abspath(path)
+  primary = jax.process_index() == 0
+  if primary and os.path.isdir(path):  # temporaries of an export killed mid-write
+    import shutil
+    for name in os.listdir(path):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "params"), {"params": params, "values": values}, force=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f, indent=1, sort_keys=True)
+  if primary:
+    tmp = os.path.join(path, f".config.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+      json.dump(config, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(path, "config.json"))
 
 
 def load_exported(path: str, mesh=None, *, backend: str = "auto"):

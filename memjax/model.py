@@ -126,7 +126,8 @@ class Block(nnx.Module):
     elif self.kind == "moe":
       self.ffn = MoE(cfg.dim, cfg.moe, cfg.moe_mlp_dim, cfg.num_layers, rngs=rngs)
     else:
-      self.ffn = ProductKeyMemory(cfg.dim, cfg.memory.layer, values=pool, backend=backend, rngs=rngs)
+      self.ffn = ProductKeyMemory(cfg.dim, cfg.memory.layer, values=pool, backend=backend,
+                                  value_sharding=cfg.memory.value_sharding, rngs=rngs)
 
   def __call__(self, x_BxTxC, positions_BxT, mask, value_tap=None):
     h = x_BxTxC + self.attn(self.attn_norm(x_BxTxC), positions_BxT, mask)

@@ -109,3 +109,28 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+# ----- the memory read under a mesh ---------------------------------------------------------------
+
+
+def memory_read_specs(value_sharding: str, batch_size: int, table_shape: tuple):
+  """How ``memory.read.sharded_memory_read`` splits one read over the mesh in context, or None.
+
+  Returns ``(batch_spec, table_spec, out_spec, psum_axis)`` for ``jax.shard_map`` over the abstract
+  mesh set by ``jax.set_mesh`` (None when there is no mesh: the plain read is used):
+    batch_spec  the leading (token batch) dim over ``data`` x ``fsdp`` when they divide it
+    table_spec  the value table as ``axis_rules(value_sharding)`` splits it
+    out_spec    column mode: the read's Dv split over ``memory`` (no communication);
+                row mode: replicated over ``memory`` after a ``psum`` of the masked partial reads
+    psum_axis   ``memory`` in row mode (when it splits the table), else None
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return None
+  rules = axis_rules(value_sharding)
+  batch = spec_for((batch_size,), (BATCH,), rules, mesh)[0]
+  table = spec_for(table_shape, (SLOTS, VALUE_DIM), rules, mesh)
+  psum_axis = table[0] if table[0] is not None else None
+  out_last = table[1] if len(table) > 1 else None
+  return batch, table, out_last, psum_axis

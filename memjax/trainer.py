@@ -3,13 +3,20 @@
 ``run(config, workdir)`` is what ``train.py`` calls; tests and notebooks call it too. It
   1. checks the workdir is writable and builds the data pipeline (the tokenizer fixes the vocabulary);
   2. builds the mesh (``config.mesh``) and the state's shardings from the logical axis rules;
-  3. restores the latest checkpoint of the workdir (refusing one written for other shapes) or
-     initialises the state sharded (eval_shape -> shardings -> jit(init));
+  3. restores the latest readable checkpoint of the workdir (refusing one written for other shapes,
+     falling back past damaged steps) or initialises the state sharded (eval_shape -> shardings ->
+     jit(init)), and drops the log records the restored step does not account for;
   4. runs the step jitted once with explicit shardings and a donated state, reading step N-1's
      metrics after dispatching step N;
   5. logs to ``metrics.jsonl``, TensorBoard and a progress bar; evaluates every ``eval_every`` steps;
      checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM / SIGINT;
   6. exports a parameters-only checkpoint to ``<workdir>/export`` at the end.
+
+Resume semantics: re-running the same command after any interruption (kill -9 included) continues
+from the last finished checkpoint, with the saved data-iterator state, so losses and parameters are
+those of a run never interrupted. ``metrics.jsonl`` then keeps only records with ``step <=`` the
+restored step (the killed attempt's later records are replayed), and TensorBoard purges its later
+events (``purge_step``).
 """
 
 from __future__ import annotations
@@ -61,17 +68,51 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
 
 
+def truncate_log(path: str, step: int, *, drop_final_eval: bool = False) -> int:
+  """Keeps the ``metrics.jsonl`` records of steps ``<= step``; returns how many lines were dropped.
+
+  A resumed run replays the steps after its checkpoint, so a killed attempt's records past it would
+  otherwise appear twice. Torn lines (a kill mid-write) are dropped too. ``drop_final_eval`` also drops
+  the evaluation records at ``step`` itself (a finished run re-evaluates when re-run). The file is
+  replaced atomically, so a kill during the truncation leaves the old file.
+  """
+  if not os.path.exists(path):
+    return 0
+  keep, dropped, torn_end = [], 0, False
+  with open(path) as f:
+    for line in f:
+      torn_end = not line.endswith("\n")
+      try:
+        record = json.loads(line)
+        s = int(record["step"])
+      except (ValueError, KeyError, TypeError):
+        dropped += 1
+        continue
+      if s > step or (drop_final_eval and s == step and "loss" not in record):
+        dropped += 1
+        continue
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if dropped or torn_end:  # also a whole last record missing its newline: the next append would join it
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return dropped
+
+
 class _Logger:
   """metrics.jsonl + TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start: int = 0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        tb_dir = os.path.join(workdir, "tb")
+        # Events of a killed attempt past the restored step are hidden from TensorBoard.
+        self.tb = SummaryWriter(tb_dir, purge_step=start + 1 if os.path.isdir(tb_dir) else None)
       except ImportError:  # pragma: no cover - tensorboardX is a dependency
         self.tb = None
 
@@ -162,7 +203,17 @@ def qa_chance(items) -> float:
 
 
 def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> RunResult:
-  """Trains (or resumes) ``cfg`` in ``workdir`` until ``cfg.train.steps`` (or ``max_steps`` this call)."""
+  """Trains (or resumes) ``cfg`` in ``workdir`` until ``cfg.train.steps`` (or ``max_steps`` this call).
+
+  The mesh is set with ``jax.set_mesh`` for the whole run, so memory reads run under
+  ``jax.shard_map`` (each device reads only its part of the value table; see ``sharded_memory_read``).
+  """
+  mesh = sharding.make_mesh(cfg.mesh.resolve(jax.device_count()))
+  with jax.set_mesh(mesh):
+    return _run(cfg, workdir, mesh, progress=progress, max_steps=max_steps)
+
+
+def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | None) -> RunResult:
   from memjax.data import make_pipeline
   from memjax.model import LM  # noqa: F401  (documents what is trained)
 
@@ -174,6 +225,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
     raise ConfigError(f"train.batch_size={tc.batch_size} is invalid: must be divisible by the "
                       f"{nproc} processes")
   sizes = cfg.mesh.resolve(jax.device_count())
+  check_memory_mesh(cfg, sizes)
   batch_shards = sizes["data"] * sizes["fsdp"]
   if tc.batch_size % batch_shards:
     raise ConfigError(f"train.batch_size={tc.batch_size} is invalid: must be divisible by "
@@ -182,7 +234,6 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
   pipe = make_pipeline(**dataclasses.asdict(cfg.data), seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
                        qa_jsonl=cfg.eval.qa_jsonl, process_index=pidx, process_count=nproc)
   cfg = cfg.with_vocab(pipe.tokenizer.vocab_size)
-  mesh = sharding.make_mesh(sizes)
   rules = sharding.axis_rules(cfg.model.memory.value_sharding)
   fns = make_step_fns(cfg.model, tc, backend=cfg.backend)
   abstract = jax.eval_shape(fns.init, 0)
@@ -192,22 +243,22 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
 
   ckpt = Checkpointer(workdir, max_to_keep=tc.max_checkpoints)
   config_json = config_to_dict(cfg)
-  logger = _Logger(workdir, enabled=(pidx == 0))
-  start = ckpt.latest_step()
-  if start is not None:
-    saved = ckpt.read_config(start)
-    if saved is not None:
-      diff = shape_mismatch(saved, cfg)
-      if diff:
-        raise TrainingError(f"workdir {workdir} holds a run with other model shapes; differing fields: "
-                            + "; ".join(diff))
-    state, data_state, _ = ckpt.restore(abstract_with_shardings(abstract, state_sh), start)
+  try:
+    restored = restore_latest_good(ckpt, cfg, abstract_with_shardings(abstract, state_sh))
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    start, state, data_state = restored
     if data_state is not None:
       pipe.train.set_state(data_state)
     print(f"resumed from {ckpt.directory}/{start}", flush=True)
   else:
     start = 0
     state = jax.jit(fns.init, static_argnums=(), out_shardings=state_sh)(tc.seed)
+  if pidx == 0:
+    truncate_log(os.path.join(workdir, "metrics.jsonl"), start, drop_final_eval=start >= tc.steps)
+  logger = _Logger(workdir, enabled=(pidx == 0), start=start)
 
   train_step = jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
                        donate_argnums=0)
@@ -226,8 +277,11 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
   def save(step_now: int, state_now) -> None:
     try:
       ckpt.save(step_now, state_now, data_state=pipe.train.get_state(), config=config_json)
-    except OSError as e:
-      raise TrainingError(f"saving the checkpoint of step {step_now} failed ({e.strerror or e}); "
+    except Exception as e:  # Orbax may wrap the OSError (disk full, permissions) of a failed write
+      cause = _os_error_in(e)
+      if cause is None:
+        raise
+      raise TrainingError(f"saving the checkpoint of step {step_now} failed ({cause.strerror or cause}); "
                           f"earlier checkpoints in {ckpt.directory} are intact") from None
 
   received: list[int] = []
@@ -288,8 +342,9 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
       ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh, final=True)
       logger.write({"step": final_step, **ev})
       last = {**last, **ev}
-      if pidx == 0:
-        export_params(os.path.join(workdir, "export"), state["params"], state["values"], config_json)
+      # Every process takes part: Orbax's save of sharded arrays is collective (process 0 alone would
+      # wait for the others forever); process 0 alone writes config.json.
+      export_params(os.path.join(workdir, "export"), state["params"], state["values"], config_json)
     return RunResult(final_step, last, workdir)
   finally:
     if bar is not None:
@@ -298,6 +353,80 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
       signal.signal(sig, handler)
     logger.close()
     ckpt.close()
+
+
+def check_memory_mesh(cfg: Config, sizes: dict) -> None:
+  """Refuses value tables the ``memory`` mesh axis cannot split evenly (before anything is traced)."""
+  mem, m = cfg.model.memory, sizes["memory"]
+  if not mem.layers or m == 1:
+    return
+  if mem.value_sharding == "column" and mem.layer.value_dim % m:
+    raise ConfigError(f"model.memory.value_dim={mem.layer.value_dim} is invalid: must be divisible by "
+                      f"mesh.memory={m} with model.memory.value_sharding='column' (or use 'row')")
+  if mem.value_sharding == "row" and mem.layer.num_slots % m:
+    raise ConfigError(f"model.memory.n_keys={mem.layer.n_keys} is invalid: its n_keys**2="
+                      f"{mem.layer.num_slots} slots must be divisible by mesh.memory={m} with "
+                      "model.memory.value_sharding='row'")
+
+
+def _os_error_in(e: BaseException | None) -> OSError | None:
+  """The first ``OSError`` in ``e``'s chain of causes, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def restore_latest_good(ckpt: Checkpointer, cfg: Config, abstract_state):
+  """``(step, state, data_state)`` of the newest readable checkpoint, or None for an empty workdir.
+
+  Steps are tried newest first. A step written for other model shapes raises ``TrainingError`` naming
+  the fields (resuming it would be wrong, not merely impossible). An unreadable step (truncated or
+  corrupted files) is reported on stderr; once an older step restores, the newer unreadable ones are
+  moved to ``checkpoints.damaged/``. If no step is readable, or numbered directories exist that Orbax
+  does not recognise, the run is refused rather than silently restarted from step 0.
+  """
+  steps = ckpt.all_steps()
+  stray = ckpt.stray_step_dirs()
+  if not steps:
+    if stray:
+      raise TrainingError(f"{ckpt.directory} holds step directories {stray} that are not finished "
+                          "checkpoints; move the workdir aside (or delete it) to start over")
+    return None
+  damaged: list[tuple[int, str]] = []
+  for step in reversed(steps):
+    try:
+      saved = ckpt.read_config(step)
+    except (OSError, ValueError) as e:
+      damaged.append((step, f"config: {_first_line(e)}"))
+      print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
+      continue
+    if saved is not None:
+      diff = shape_mismatch(saved, cfg)
+      if diff:
+        raise TrainingError(f"workdir {os.path.dirname(ckpt.directory)} holds a run with other model "
+                            f"shapes (checkpoint step {step}); differing fields: " + "; ".join(diff))
+    try:
+      state, data_state, _ = ckpt.restore(abstract_state, step)
+    except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception on damaged files
+      damaged.append((step, _first_line(e)))
+      print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
+      continue
+    for bad, _ in damaged:
+      moved = ckpt.quarantine(bad)
+      print(f"warning: falling back from unreadable checkpoint step {bad} to step {step}; "
+            f"moved step {bad} to {moved}", file=sys.stderr, flush=True)
+    return step, state, data_state
+  raise TrainingError(f"no checkpoint in {ckpt.directory} is readable (steps {steps}; newest: "
+                      f"{damaged[0][1]}); move the workdir aside (or delete it) to start over")
 
 
 def threading_is_main() -> bool:

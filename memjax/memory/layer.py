@@ -30,7 +30,7 @@ from flax import nnx
 
 from memjax import sharding as ax
 from memjax.config import MemoryConfig
-from memjax.memory.read import memory_read, qk_normalize
+from memjax.memory.read import qk_normalize, sharded_memory_read
 
 
 class MemoryOutput(NamedTuple):
@@ -76,6 +76,8 @@ class ProductKeyMemory(nnx.Module):
     config: the layer's ``MemoryConfig``.
     values: a ``ValueTable`` to read (shared pool); ``None`` creates this layer's own.
     backend: ``embedding_bag`` backend for the read.
+    value_sharding: how the mesh splits the table ("column" or "row"); used only when a mesh is set
+      with ``jax.set_mesh`` (the read then runs under ``jax.shard_map``, see ``sharded_memory_read``).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
   ``layer(x)`` returns the output; ``layer.read(x)`` returns ``MemoryOutput`` with the slots and
@@ -89,7 +91,7 @@ class ProductKeyMemory(nnx.Module):
   """
 
   def __init__(self, dim: int, config: MemoryConfig, *, values: ValueTable | None = None,
-               backend: str = "auto", rngs: nnx.Rngs):
+               backend: str = "auto", value_sharding: str = "column", rngs: nnx.Rngs):
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
       raise ValueError(f"ProductKeyMemory dim={dim!r} must be a positive int")
     if values is not None and values.config.num_slots != config.num_slots:
@@ -99,7 +101,7 @@ class ProductKeyMemory(nnx.Module):
     if values is not None and values.config.value_dim != config.value_dim:
       raise ValueError(
           f"shared ValueTable has value_dim={values.config.value_dim} but config.value_dim={config.value_dim}")
-    self.dim, self.config, self.backend = dim, config, backend
+    self.dim, self.config, self.backend, self.value_sharding = dim, config, backend, value_sharding
     c, h, dk, dv, n = dim, config.heads, config.key_dim, config.value_dim, config.n_keys
 
     # 1. query projection (Xavier-uniform over fan_in C, fan_out H*Dk) and its bias.
@@ -156,7 +158,8 @@ class ProductKeyMemory(nnx.Module):
     table = self.values.values[...]
     if value_tap is not None:
       table = jax.lax.stop_gradient(table)
-    r = memory_read(q, keys, table, k=self.config.k, backend=self.backend)
+    r = sharded_memory_read(q, keys, table, k=self.config.k, backend=self.backend,
+                            value_sharding=self.value_sharding)
     y = r.out  # [..., Dv]
     if value_tap is not None:
       y = y + value_tap.astype(y.dtype)

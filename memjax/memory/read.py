@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax import sharding
 from memjax.kernels.embedding_bag import embedding_bag
 from memjax.memory.product_keys import product_key_topk
 
@@ -81,3 +82,58 @@ def memory_read(query, keys, values, *, k: int, backend: str = "auto") -> Memory
   w_flat = weights.reshape(*lead, heads * k)
   out = embedding_bag(values, idx_flat, w_flat, backend=backend)  # [..., Dv]
   return MemoryReadout(out, indices, weights)
+
+
+def _varying(x, axes):
+  """``x`` marked as varying over ``axes`` inside ``shard_map`` (a no-op for axes it varies over)."""
+  missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
+                        value_sharding: str = "column") -> MemoryReadout:
+  """``memory_read`` split explicitly over the mesh set by ``jax.set_mesh`` (plain read without one).
+
+  Kernels (FFI, Pallas) are opaque to GSPMD, which would replicate their operands: gather the whole
+  value table and every device's lookups. Under ``jax.shard_map`` each device reads only its part:
+    column: the table is [M, Dv/m] per device; each device reads its Dv slice for its tokens.
+            No communication; the output stays split over Dv (W2 contracts it: one reduce).
+    row:    the table is [M/m, Dv]; each device reads the rows it owns (other lookups masked to
+            weight 0), and the partial reads are summed over ``memory`` (one psum of [tokens, Dv]).
+  Top-k runs per data shard (repeated on the devices of one memory group: it is O(n), not O(M)).
+  Gradients follow by autodiff: value gradients stay on the shard that owns them. ``check_vma`` is
+  off because the kernels' custom VJPs (FFI calls) do not carry varying-axis types; the ``pcast``
+  marks below state the intent and keep the function correct if it is turned on.
+  """
+  lead = query.shape[:-2]
+  specs = sharding.memory_read_specs(value_sharding, lead[0] if lead else 1, values.shape) if lead else None
+  if specs is None:
+    return memory_read(query, keys, values, k=k, backend=backend)
+  batch, table_spec, out_last, psum_axis = specs
+  P = jax.sharding.PartitionSpec
+  rest = (None,) * (len(lead) - 1)
+  batch_axes = () if batch is None else ((batch,) if isinstance(batch, str) else tuple(batch))
+  table_axes = tuple(a for a in table_spec if a is not None)
+
+  def local(q, kk, v):
+    v = _varying(v, batch_axes)  # the table is the same on every data shard: its gradient sums
+    scores, indices = product_key_topk(q, kk, k)  # [..., H, k] global slots
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    heads = indices.shape[-1] * indices.shape[-2]
+    idx_flat = indices.reshape(*indices.shape[:-2], heads)  # [..., H*k]
+    w_flat = weights.reshape(*indices.shape[:-2], heads)
+    if psum_axis is not None:  # row mode: keep the rows this device owns, weight 0 elsewhere
+      rows = v.shape[0]
+      local_idx = idx_flat - jax.lax.axis_index(psum_axis) * rows
+      mine = (local_idx >= 0) & (local_idx < rows)
+      idx_flat, w_flat = jnp.where(mine, local_idx, 0), jnp.where(mine, w_flat, 0.0)
+    # Each table shard sees every lookup: the weights' gradient sums over the table's axes.
+    idx_flat, w_flat = _varying(idx_flat, table_axes), _varying(w_flat, table_axes)
+    out = embedding_bag(v, idx_flat, w_flat, backend=backend)  # [..., Dv] or [..., Dv/m]
+    if psum_axis is not None:
+      out = jax.lax.psum(out, psum_axis)
+    return MemoryReadout(out, indices, weights)
+
+  out_specs = MemoryReadout(P(batch, *rest, out_last), P(batch, *rest, None, None), P(batch, *rest, None, None))
+  return jax.shard_map(local, in_specs=(P(batch, *rest, None, None), P(), table_spec),
+                       out_specs=out_specs, check_vma=False)(query, keys, values)

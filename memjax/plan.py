@@ -1,0 +1,219 @@
+"""Per-device memory, FLOPs and communication of a training run, from formulas (nothing compiled).
+
+  python -m memjax.plan --config=configs/paper_373m.py --mesh data=8,memory=1
+  python -m memjax.plan --config=configs/paper_8b.py --mesh data=8,fsdp=8,memory=4 --json
+
+Shapes: B global batch, b = B / (data * fsdp) per device, T sequence, C width, L layers, V vocab,
+N query heads, Dh head width, F FFN hidden, and for memory H heads, k top-k, n sub-keys, M = n^2
+slots, Dk key width, Dv value width; m = the ``memory`` axis size.
+
+Per device (fp32 unless the config says otherwise):
+  parameters   each parameter's shard under ``sharding.axis_rules`` (``spec_for`` on its logical axes)
+  optimizer    Adam moments: 2 x the parameter shards (fp32), for the values too (dense or sparse)
+  update temps ~5 fp32 copies of the parameter shards (gradient, clipped gradient, new moments, update);
+               sparse values: [R B T H k, Dv] fp32 buffers over the whole batch's lookups instead
+  activations  what the backward pass keeps, per token of a block (``_activation_floats``), plus
+               the logits (3 V per token: logits, softmax, its gradient)
+  FLOPs/token  6 x ``ModelConfig.flops_per_token`` (forward + backward)
+  gathered     bytes of value rows one token reads: ``MemoryConfig.bytes_read_per_token`` x layers
+  comms/step   data-parallel gradient all-reduce of the replicated parameter shards (and of the
+               value table's shard in dense mode; sparse: the lookups' row gradients); FSDP gathers
+               of the embed-sharded ones (forward + backward) and a reduce-scatter of their grads;
+               column mode: a reduce of the memory read [b T, C] per memory layer (fwd + bwd);
+               row mode: a psum of the partial reads [b T, Dv] per memory layer (fwd + bwd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import types
+
+from memjax.config import ModelConfig, TrainConfig
+
+
+def parse_mesh(text: str) -> dict:
+  """"data=8,memory=4" -> {"data": 8, "fsdp": 1, "memory": 4}."""
+  sizes = {"data": 1, "fsdp": 1, "memory": 1}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in sizes or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"--mesh part {part!r} is invalid: use data=N,fsdp=N,memory=N with N >= 1")
+    sizes[name] = int(value)
+  return sizes
+
+
+def _shard_elems(shape, axes, rules, sizes) -> int:
+  from memjax import sharding
+  spec = sharding.spec_for(shape, axes, rules, types.SimpleNamespace(shape=sizes))
+  count = 1
+  for dim, s in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if s is None else ((s,) if isinstance(s, str) else tuple(s))
+    count *= dim // math.prod(sizes[a] for a in names)
+  return count
+
+
+def parameter_shards(model_cfg: ModelConfig, sizes: dict) -> dict:
+  """{"params", "values", "replicated"}: per-device element counts (replicated = no axis splits it)."""
+  import jax
+  from flax import nnx
+
+  from memjax import sharding
+  from memjax.memory.layer import MemoryValue
+  from memjax.model import LM
+
+  rules = sharding.axis_rules(model_cfg.memory.value_sharding)
+  abstract = nnx.eval_shape(lambda: LM(model_cfg, rngs=nnx.Rngs(0)))
+  out = {"params": 0, "values": 0, "replicated": 0, "fsdp_full": 0, "value_dtype_bytes": 4}
+  for _, var in nnx.iter_graph(abstract):
+    if not isinstance(var, nnx.Variable):
+      continue
+    value = var.get_value()
+    axes = var.get_metadata().get("logical_axes")
+    elems = _shard_elems(value.shape, axes, rules, sizes)
+    if isinstance(var, MemoryValue):
+      out["values"] += elems
+      out["value_dtype_bytes"] = jax.numpy.dtype(value.dtype).itemsize
+    else:
+      out["params"] += elems
+      full = math.prod(value.shape)
+      if elems == full:
+        out["replicated"] += elems
+      else:
+        out["fsdp_full"] += full
+  return out
+
+
+def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str) -> int:
+  """Floats per token one block keeps for the backward pass (fp32, no rematerialisation)."""
+  c, nh, dh, t = cfg.dim, cfg.num_heads, cfg.head_dim, seq_len
+  attn = 4 * c + 5 * nh * dh + 2 * nh * t  # norms, x, h; q, k, v, rotated q/k; scores and probabilities
+  if kind == "dense":
+    return attn + 4 * cfg.mlp_dim
+  if kind == "moe":
+    return attn + 4 * cfg.moe.top_k * cfg.moe_mlp_dim + cfg.moe.num_experts
+  mem = cfg.memory.layer
+  h, k, n, dk, dv = mem.heads, mem.k, mem.n_keys, mem.key_dim, mem.value_dim
+  return attn + 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + 5 * dv
+
+
+def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
+  """The per-device plan as a flat dict of numbers (bytes, FLOPs)."""
+  mem = model_cfg.memory.layer
+  devices = math.prod(sizes.values())
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  b, t = train_cfg.batch_size // batch_shards, train_cfg.seq_len
+  tokens = b * t
+  shards = parameter_shards(model_cfg, sizes)
+  vb = shards["value_dtype_bytes"]
+  params_bytes = 4 * shards["params"] + vb * shards["values"]
+  opt_bytes = 2 * 4 * (shards["params"] + shards["values"])
+  n_mem = len(model_cfg.memory.layers)
+  sparse = model_cfg.memory.value_update == "sparse"
+  lookups = n_mem * tokens * mem.heads * mem.k
+  global_lookups = lookups * batch_shards
+  # The optimizer step keeps ~5 fp32 copies of what it updates alive at once (gradient, clipped
+  # gradient, new first and second moments, the update), measured on XLA CPU.
+  grad_bytes = 5 * 4 * shards["params"]
+  if sparse and n_mem:
+    # The row-sparse update runs on every device over the lookups of the whole batch (the row-gradient
+    # kernel sees them all): one full [lookups, Dv] fp32 row-gradient buffer, and ~4 more for the
+    # gathered rows and moments, split over ``memory`` in column mode.
+    col = sizes["memory"] if model_cfg.memory.value_sharding == "column" else 1
+    grad_bytes += int(global_lookups * 4 * mem.value_dim * (1 + 4 / col))
+  else:
+    grad_bytes += 5 * 4 * shards["values"]
+  act = sum(_activation_floats(model_cfg, t, model_cfg.block_kind(i)) for i in range(model_cfg.num_layers))
+  act_bytes = 4 * tokens * (act + 3 * model_cfg.vocab_size + 2 * model_cfg.dim)
+  batch_bytes = 5 * 4 * tokens
+
+  fwd = model_cfg.flops_per_token(t)
+  comm = {}
+  if sizes["data"] * sizes["fsdp"] > 1 or sizes["memory"] > 1:
+    comm["all-reduce grads"] = 4 * shards["replicated"] if batch_shards > 1 else 0
+    if batch_shards > 1 and n_mem and not sparse:  # the dense value gradient, per table shard
+      comm["all-reduce value grads"] = 4 * shards["values"]
+  if sizes["fsdp"] > 1:
+    comm["fsdp all-gather params"] = 2 * 4 * shards["fsdp_full"]
+    comm["fsdp reduce-scatter grads"] = 4 * shards["fsdp_full"] // sizes["fsdp"]
+  if sizes["memory"] > 1 and n_mem:
+    width = model_cfg.dim if model_cfg.memory.value_sharding == "column" else mem.value_dim
+    comm[f"memory read reduce ({model_cfg.memory.value_sharding})"] = 2 * n_mem * 4 * tokens * width
+  if sparse and n_mem and devices > 1:
+    comm["sparse update lookups"] = global_lookups * (4 * mem.value_dim + 8)
+  return {
+      "devices": devices, "mesh": sizes, "tokens_per_device": tokens,
+      "param_count": model_cfg.param_counts()["total"],
+      "parameters_bytes": params_bytes, "optimizer_bytes": opt_bytes, "gradients_bytes": grad_bytes,
+      "activations_bytes": act_bytes, "batch_bytes": batch_bytes,
+      "arguments_bytes": params_bytes + opt_bytes + batch_bytes,
+      "total_bytes": 2 * (params_bytes + opt_bytes) + batch_bytes + grad_bytes + act_bytes,
+      "train_flops_per_token": 6 * fwd, "forward_flops_per_token": fwd,
+      "value_bytes_gathered_per_token": n_mem * mem.bytes_read_per_token(),
+      "comm_bytes_per_step": comm, "comm_total_bytes_per_step": sum(comm.values()),
+  }
+
+
+def _fmt(n: float) -> str:
+  for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def format_plan(p: dict) -> str:
+  lines = [f"mesh {p['mesh']} ({p['devices']} devices), {p['tokens_per_device']} tokens/device/step, "
+           f"{p['param_count'] / 1e6:,.1f}M parameters",
+           f"  parameters      {_fmt(p['parameters_bytes'])}",
+           f"  optimizer       {_fmt(p['optimizer_bytes'])}",
+           f"  gradients       {_fmt(p['gradients_bytes'])}",
+           f"  activations     {_fmt(p['activations_bytes'])}",
+           f"  total (peak)    {_fmt(p['total_bytes'])}   (state in + state out + temporaries)",
+           f"  FLOPs/token     {p['train_flops_per_token'] / 1e9:.2f} GFLOP train "
+           f"({p['forward_flops_per_token'] / 1e9:.2f} forward)",
+           f"  value bytes gathered/token  {_fmt(p['value_bytes_gathered_per_token'])}",
+           f"  communication/step  {_fmt(p['comm_total_bytes_per_step'])}"]
+  lines += [f"    {k:28s} {_fmt(v)}" for k, v in p["comm_bytes_per_step"].items()]
+  return "\n".join(lines)
+
+
+def load_config(path: str, overrides: list[str] = ()):
+  """A ``Config`` from a configs/*.py file (its vocabulary as set there, or 32000 if 0)."""
+  import importlib.util
+  import os
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  spec = importlib.util.spec_from_file_location("plan_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  raw = module.get_config()
+  from memjax.run_config import config_from_dict
+  cfg = config_from_dict(raw)
+  if raw.model.vocab_size == 0:
+    cfg = cfg.with_vocab(32000)
+  return cfg
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--mesh", default="data=1")
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    sizes = parse_mesh(args.mesh)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  cfg = load_config(args.config)
+  p = plan(cfg.model, cfg.train, sizes)
+  print(json.dumps(p, indent=1) if args.json else format_plan(p))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
