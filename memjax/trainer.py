@@ -262,14 +262,16 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
 
   train_step = jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
                        donate_argnums=0)
-  eval_fn = jax.jit(fns.eval_step, in_shardings=(state_sh, batch_sh))
+  # Evaluation outputs (loss, lookups, logits) are small: replicate them so every process can read
+  # them with np.asarray, also when the batch is split over several processes.
+  eval_fn = jax.jit(fns.eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep)
 
   def _logits(state, tokens):
     from flax import nnx
     model = nnx.merge(fns.graphdef, state["values"], state["params"])
     return model(tokens)[0]
 
-  logits_jit = jax.jit(_logits, in_shardings=(state_sh, None))
+  logits_jit = jax.jit(_logits, in_shardings=(state_sh, rep), out_shardings=rep)
 
   def logits_fn(state, tokens):
     return np.asarray(logits_jit(state, jnp.asarray(tokens, jnp.int32)))

@@ -5,8 +5,8 @@ The pipeline shards documents by process, so a 2-process run reads other batches
 run; the reference therefore builds each step's global batch from the two per-process pipelines
 (process 0's rows first, as ``make_array_from_process_local_data`` lays them out on a data=8 mesh)
 and runs the same jitted step in one process. Losses agree to fp32 reduction-order noise (rtol 1e-4).
-Evaluation is off: ``trainer.evaluate`` reads the lookups with ``np.asarray``, which a batch sharded
-over two processes does not allow (see the scale-out report).
+Evaluation runs too (validation loss, memory usage, QA decoding): its outputs are replicated, so
+every process can read them.
 """
 
 import json
@@ -19,8 +19,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
-OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "eval.eval_batches": 0, "eval.qa_from_kb": False,
-             "train.seq_len": 32}
+OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "eval.eval_batches": 1, "eval.qa_max_items": 8,
+             "eval.qa_batch_size": 8, "eval.qa_seq_len": 32, "train.seq_len": 32}
 FLAGS = ["--config=" + os.path.join(REPO, "configs", "tiny.py")] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 
 REFERENCE = textwrap.dedent("""
@@ -119,3 +119,5 @@ def test_two_processes_train_like_one(tmp_path):
   assert steps == [STEPS]  # both processes took part in the Orbax save
   assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
   assert (workdir / "export" / "config.json").exists()  # the export is a collective save
+  final = [r for r in map(json.loads, metrics.read_text().splitlines()) if "qa_exact_match" in r]
+  assert final and {"val_loss", "kl", "used"} <= set(final[-1]), final
