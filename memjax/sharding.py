@@ -12,7 +12,14 @@ Glossary:
   mem_key_dim  Dk (query) or Dk/2 (sub-keys)
   slots        M = n*n, rows of the value table
   value_dim    Dv, columns of the value table
+
+Mesh axes: ``data`` (batch), ``fsdp`` (batch and parameters' ``embed``), ``memory`` (the value
+table: ``value_dim`` in column mode, ``slots`` in row mode).
 """
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 EMBED = "embed"
 MEM_HEADS = "mem_heads"
@@ -31,10 +38,6 @@ def logical_axes_of(variable) -> tuple | None:
 
 
 # ----- logical -> mesh rules: the one place that names mesh axes -------------------------------
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 MESH_AXES = ("data", "fsdp", "memory")
 BATCH = "batch"
