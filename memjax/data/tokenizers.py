@@ -80,7 +80,23 @@ class Tokenizer(Protocol):
   def save(self, path: str | os.PathLike) -> None: ...
 
 
-class ByteTokenizer:
+class _SpecialIds:
+  """The special ids both tokenizers share: pad 0, eos 1, bos 2."""
+
+  @property
+  def pad_id(self) -> int:
+    return PAD_ID
+
+  @property
+  def eos_id(self) -> int:
+    return EOS_ID
+
+  @property
+  def bos_id(self) -> int:
+    return BOS_ID
+
+
+class ByteTokenizer(_SpecialIds):
   """UTF-8 bytes shifted by the 3 special ids: ``id = byte + 3``; ``vocab_size = 259``.
 
   ``decode`` drops special ids and replaces invalid UTF-8 (e.g. a cut multi-byte character) with
@@ -102,18 +118,6 @@ class ByteTokenizer:
   def vocab_size(self) -> int:
     return 256 + self.OFFSET
 
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def bos_id(self) -> int:
-    return BOS_ID
-
   def encode_array(self, text: str) -> np.ndarray:
     """``encode`` as an int32 array (the pipeline's fast path)."""
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.OFFSET
@@ -133,7 +137,7 @@ class ByteTokenizer:
     return "ByteTokenizer(vocab_size=259)"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_SpecialIds):
   """A SentencePiece model (BPE from ``train_bpe``) with the shared special ids.
 
   Build it with ``train_bpe`` or ``load_tokenizer``; the constructor takes the serialized model.
@@ -155,18 +159,6 @@ class SentencePieceTokenizer:
   @property
   def vocab_size(self) -> int:
     return int(self._sp.vocab_size())
-
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def bos_id(self) -> int:
-    return BOS_ID
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
