@@ -26,7 +26,6 @@ Per device (fp32 unless the config says otherwise):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys

@@ -15,7 +15,6 @@ it once with explicit in/out shardings and donates the state. Batches follow the
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax

@@ -149,7 +149,7 @@ def _global_batch(batch: dict, batch_sh: NamedSharding, global_batch: int) -> di
   return out
 
 
-def evaluate(cfg: Config, fns, eval_fn, logits_fn, state, pipe, batch_sh, *, final: bool) -> dict:
+def evaluate(cfg: Config, fns, eval_fn, logits_fn, state, pipe, batch_sh) -> dict:
   """Validation loss, memory usage over the validation lookups, and QA exact match."""
   out: dict[str, Any] = {}
   lookups_by_pool: dict[str, list] = {}
@@ -215,7 +215,6 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
 
 def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | None) -> RunResult:
   from memjax.data import make_pipeline
-  from memjax.model import LM  # noqa: F401  (documents what is trained)
 
   workdir = os.path.abspath(workdir)
   check_workdir(workdir)
@@ -323,7 +322,7 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
       if tc.eval_every and done % tc.eval_every == 0 and done != end:
         last = _handle_metrics(pending, tc, logger, bar)
         pending = None
-        ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh, final=False)
+        ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh)
         logger.write({"step": done, **ev})
       if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != end:
         if pending is not None:
@@ -341,7 +340,7 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     if final_step > start or ckpt.latest_step() is None:
       save(final_step, state)
     if final_step >= tc.steps:
-      ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh, final=True)
+      ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh)
       logger.write({"step": final_step, **ev})
       last = {**last, **ev}
       # Every process takes part: Orbax's save of sharded arrays is collective (process 0 alone would

@@ -1,6 +1,5 @@
 """The notebooks in notebooks/: stored without outputs, and each runs top to bottom (small mode)."""
 
-import os
 import pathlib
 
 import pytest
