@@ -137,3 +137,28 @@ def memory_read_specs(value_sharding: str, batch_size: int, table_shape: tuple):
   psum_axis = table[0] if table[0] is not None else None
   out_last = table[1] if len(table) > 1 else None
   return batch, table, out_last, psum_axis
+
+
+def sparse_update_specs(value_sharding: str, batch_size: int, table_shape: tuple):
+  """How ``train_lib.sharded_sparse_value_update`` splits the row-sparse update, or None.
+
+  None without a mesh (``jax.set_mesh``) or on a 1-device mesh: the plain update runs. Otherwise
+  ``(batch_spec, table_spec, dys_last, batch_axes, table_axes, row_axis)``, consistent with the
+  memory read (``memory_read_specs``):
+    batch_spec  the lookups' batch dim over ``data`` x ``fsdp`` (when they divide it)
+    table_spec  the value table (and its moments) as ``axis_rules(value_sharding)`` splits it
+    dys_last    the tap cotangent's Dv dim: ``memory`` in column mode, else None
+    batch_axes  mesh axes splitting the batch: the row gradients are merged over them
+    table_axes  mesh axes splitting the table: the squared gradient norm is summed over them
+    row_axis    ``memory`` in row mode (each device keeps the lookups of the rows it owns), else None
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size <= 1:
+    return None
+  specs = memory_read_specs(value_sharding, batch_size, table_shape)
+  if specs is None:
+    return None
+  batch, table, out_last, row_axis = specs
+  names = lambda s: () if s is None else ((s,) if isinstance(s, str) else tuple(s))
+  table_axes = tuple(a for s in table for a in names(s))
+  return batch, table, out_last, names(batch), table_axes, row_axis

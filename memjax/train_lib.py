@@ -121,54 +121,70 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
     lookups = [(r.indices, r.weights) for r in aux["memory"]]
     return ce + aux["moe_loss"], (ce, aux["moe_loss"], count, lookups)
 
-  def grads(state, batch):
-    """Loss, aux and gradients. The value gradient is dense (a State like ``values``) in dense
-    mode, and ``{pool key: (rows [U], row_grads [U, Dv])}`` in sparse mode."""
+  def sparse_taps(state, batch):
+    """Loss, aux, param grads and, per pool, the inputs of its row gradients: ``{pool key: (idx
+    [R, B, T, H*k], weights [R, B, T, H*k], tap cotangents [R, B, T, Dv])}`` over its R readers."""
     params, values = state["params"], state["values"]
     b, t = batch["inputs"].shape
-    if not sparse:
-      (loss, aux), (g_params, g_values) = jax.value_and_grad(
-          lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
-      return loss, aux, g_params, g_values
     dv = model_cfg.memory.layer.value_dim
     taps = [jnp.zeros((b, t, dv), jnp.float32) for _ in abstract.memory_blocks]
     (loss, aux), (g_params, g_taps) = jax.value_and_grad(
         lambda p, tp: forward(p, values, batch, tp), argnums=(0, 1), has_aux=True)(params, taps)
     lookups = aux[3]
-    g_values = {}
+    inputs = {}
     for path, readers in pools:
-      # All lookups of the memory blocks reading this pool: [R, B, T, H*k] and [R, B, T, Dv].
       idx = jnp.stack([lookups[j][0].reshape(b, t, -1) for j in readers])
       wts = jnp.stack([lookups[j][1].reshape(b, t, -1) for j in readers])
       dys = jnp.stack([g_taps[j] for j in readers])
-      g_values["/".join(map(str, path))] = embedding_bag_row_grads(idx, wts, dys, num_slots)
+      inputs["/".join(map(str, path))] = (idx, wts, dys)
+    return loss, aux, g_params, inputs
+
+  def grads(state, batch):
+    """Loss, aux and gradients. The value gradient is dense (a State like ``values``) in dense
+    mode, and ``{pool key: (rows [U], row_grads [U, Dv])}`` in sparse mode (over the whole batch:
+    the train step under a mesh computes them per shard instead, ``sharded_sparse_value_update``)."""
+    params, values = state["params"], state["values"]
+    if not sparse:
+      (loss, aux), (g_params, g_values) = jax.value_and_grad(
+          lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
+      return loss, aux, g_params, g_values
+    loss, aux, g_params, inputs = sparse_taps(state, batch)
+    g_values = {key: embedding_bag_row_grads(*inp, num_slots) for key, inp in inputs.items()}
     return loss, aux, g_params, g_values
+
+  adam = dict(b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.value_weight_decay)
 
   def train_step(state, batch):
     params, values = state["params"], state["values"]
-    loss, (ce, moe_loss, count, _), g_params, g_values = grads(state, batch)
-    grad_norm = optax.tree.norm(g_params)
     step = state["step"]
-
     if sparse:
+      loss, (ce, moe_loss, count, _), g_params, inputs = sparse_taps(state, batch)
       new_value_opt, sq_norm = dict(state["value_opt"]), 0.0
       flat = _flat_values(values)
       for path, _ in pools:
         key = "/".join(map(str, path))
-        rows, row_grads = g_values[key]
-        row_grads, norm = clip_rows(row_grads, train_cfg.value_clip)
-        sq_norm = sq_norm + norm**2
-        table, opt = sparse_adam_update(
-            flat[path][...], state["value_opt"][key], rows, row_grads, value_lr(step),
-            b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.value_weight_decay)
+        table, opt = flat[path][...], state["value_opt"][key]
+        specs = sharding.sparse_update_specs(model_cfg.memory.value_sharding, batch["inputs"].shape[0],
+                                             table.shape)
+        if specs is None:  # one device: row gradients over the whole batch, as ``grads`` returns them
+          rows, row_grads = embedding_bag_row_grads(*inputs[key], num_slots)
+          row_grads, norm = clip_rows(row_grads, train_cfg.value_clip)
+          table, opt = sparse_adam_update(table, opt, rows, row_grads, value_lr(step), **adam)
+          sq = norm**2
+        else:
+          table, opt, sq = sharded_sparse_value_update(
+              specs, table, opt, *inputs[key], value_lr(step), clip=train_cfg.value_clip, **adam)
+        sq_norm = sq_norm + sq
         flat[path] = flat[path].replace(table)
         new_value_opt[key] = opt
       new_values = nnx.from_flat_state(flat)
       value_grad_norm = jnp.sqrt(sq_norm)
     else:
+      loss, (ce, moe_loss, count, _), g_params, g_values = grads(state, batch)
       value_grad_norm = optax.tree.norm(g_values)
       updates, new_value_opt = value_tx.update(g_values, state["value_opt"], values)
       new_values = optax.apply_updates(values, updates)
+    grad_norm = optax.tree.norm(g_params)
 
     updates, new_opt = model_tx.update(g_params, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
@@ -189,6 +205,81 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
     return {"ce": ce, "tokens": count, "lookups": lookups}
 
   return StepFns(graphdef, pools, model_tx, value_tx, init, grads, train_step, eval_step)
+
+
+# ----- the row-sparse value update under a mesh ----------------------------------------------------
+
+
+def merge_rows(rows_N, grads_NxD, num_slots: int):
+  """Sums the gradients of equal rows: (rows [N], grads [N, D]) -> (distinct rows [N], summed
+  grads [N, D]) with the contract of ``embedding_bag_row_grads`` (ascending, then padding equal to
+  ``num_slots``). Entries >= ``num_slots`` are padding: they may repeat, their sums are dropped later.
+  The gradients are scatter-added into their segments unsorted, so no sorted copy of them is made."""
+  n = rows_N.shape[0]
+  order = jnp.argsort(rows_N, stable=True)
+  sorted_rows = rows_N[order]
+  starts = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
+  segment_sorted = jnp.cumsum(starts.astype(jnp.int32)) - 1
+  segment = jnp.zeros((n,), jnp.int32).at[order].set(segment_sorted, unique_indices=True)
+  merged = jax.ops.segment_sum(grads_NxD.astype(jnp.float32), segment, num_segments=n)
+  rows = jnp.full((n,), num_slots, jnp.int32).at[segment_sorted].set(
+      jnp.minimum(sorted_rows, num_slots).astype(jnp.int32))
+  return rows, merged
+
+
+def sharded_sparse_value_update(specs, table, opt: SparseAdamState, idx, wts, dys, lr, *, clip: float,
+                                b1: float, b2: float, eps: float, weight_decay: float):
+  """The row-sparse value update of one pool, computed per shard under ``jax.shard_map``.
+
+  ``specs`` from ``sharding.sparse_update_specs``. The row-gradient kernel is opaque to GSPMD,
+  which would run it on every device over the whole batch's lookups. Here each device:
+    1. takes its batch shard's lookups ``idx``/``wts`` [R, b, T, H*k] and tap cotangent ``dys``
+       [R, b, T, Dv_local] (column mode: its Dv/m columns; row mode: all columns, and lookups of
+       rows other devices own are sent to a padding row with weight 0);
+    2. computes its local (rows, row gradients) [N_local], [N_local, Dv_local];
+    3. all-gathers them over the batch axes (data, fsdp) and merges equal rows (``merge_rows``):
+       every device of a memory group now holds the same gradient of every row of its table
+       shard that the global batch read, [N_global, Dv_local];
+    4. clips by the global norm: squares summed locally and ``psum``-ed over the table's axes only
+       (column: the same rows' other columns; row: other rows). Not over the batch axes: after the
+       merge their devices hold copies, not parts;
+    5. applies ``sparse_adam_update`` to its table shard and moment shards, in place.
+  The table, its moments and the gradient are never gathered. Returns (table, opt, squared norm).
+  """
+  batch_spec, table_spec, dys_last, batch_axes, table_axes, row_axis = specs
+  P = jax.sharding.PartitionSpec
+  lookup_spec = P(None, batch_spec, None, None)
+
+  def local(idx, wts, dys, table, mu, nu, count, lr):
+    slots = table.shape[0]
+    if row_axis is not None:  # row mode: this device's rows are [offset, offset + slots)
+      local_idx = idx - jax.lax.axis_index(row_axis) * slots
+      mine = (local_idx >= 0) & (local_idx < slots)
+      idx, wts = jnp.where(mine, local_idx, slots), jnp.where(mine, wts, 0.0)
+      slots_in = slots + 1  # row ``slots`` collects the masked lookups: padding for the update
+    else:
+      slots_in = slots
+    rows, grads = embedding_bag_row_grads(idx, wts, dys, slots_in)
+    if batch_axes:
+      rows = jax.lax.all_gather(rows, batch_axes, tiled=True)
+      grads = jax.lax.all_gather(grads, batch_axes, tiled=True)
+      rows, grads = merge_rows(rows, grads, slots_in)
+    sq = jnp.sum(jnp.square(grads))
+    if table_axes:
+      sq = jax.lax.psum(sq, table_axes)
+    norm = jnp.sqrt(sq)
+    if clip > 0:
+      grads = grads * jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
+    table, new = sparse_adam_update(table, SparseAdamState(mu, nu, count), rows, grads, lr, b1=b1, b2=b2,
+                                    eps=eps, weight_decay=weight_decay)
+    return table, new.mu, new.nu, new.count, sq
+
+  table, mu, nu, count, sq = jax.shard_map(
+      local, in_specs=(lookup_spec, lookup_spec, P(None, batch_spec, None, dys_last), table_spec, table_spec,
+                       table_spec, P(), P()),
+      out_specs=(table_spec, table_spec, table_spec, P(), P()), check_vma=False)(
+          idx, wts, dys, table, opt.mu, opt.nu, opt.count, lr)
+  return table, SparseAdamState(mu, nu, count), sq
 
 
 # ----- sharding of the state ---------------------------------------------------------------------
