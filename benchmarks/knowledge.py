@@ -1,0 +1,221 @@
+"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, Memory and Memory+ on the synthetic knowledge base.
+
+  python benchmarks/knowledge.py --preset=smoke          # <= 5 min on 2 cores, one seed: does it all work
+  python benchmarks/knowledge.py --preset=full           # <= 60 min on 2 cores, two seeds: the figures
+  python benchmarks/knowledge.py --preset=full --seeds=0 --variants=dense_1x,memory_plus
+
+Every model trains with ``train.py`` on the same tokens (same data seed and order for a given seed),
+for the same number of steps, and is scored by QA exact match on every fact of the knowledge base
+(greedy decoding of the answer after the question). Models:
+
+  dense_1x        the base: ``model.num_layers`` blocks with SwiGLU FFNs
+  dense_{2,4,8}x  the base scaled in width and depth to 2, 4, 8 x its FLOPs per token
+  memory          the middle FFN replaced by one plain memory layer
+  memory_plus     three FFNs replaced by Memory+ layers (SwiGLU output, qk-norm) sharing one pool
+  moe             MoE at Memory+'s three layers: top-1 experts whose width matches Memory+'s FLOPs
+                  per token and whose count matches its total parameters
+
+Reported per model and seed: QA exact match, final training and validation loss, total and active
+parameters, forward FLOPs per token (the config's formulas), tokens/s (median of the logged
+intervals, one core per run when ``--jobs=2``), and wall time. Writes
+``benchmarks/results/knowledge_<preset>.json`` and ``.png``; the workdirs stay under ``--root``
+(a finished run is not re-run, so an interrupted sweep resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import _runs  # noqa: E402
+
+# The base model and data of each preset. "full" is sized so that the dense 1x model is
+# capacity-bound (QA well below 100%) within the step budget.
+PRESETS = {
+    "smoke": {
+        "steps": 30,
+        "seeds": (0,),
+        "base": {"model.dim": 64, "model.mlp_dim": 256, "model.num_heads": 2, "model.num_layers": 4,
+                 "data.kb": "small", "data.tokenizer": "bpe", "eval.qa_max_items": 64},
+        "memory": {"model.memory.n_keys": 64, "model.memory.value_dim": 64, "model.memory.k": 16,
+                   "model.memory.heads": 4, "model.memory.key_dim": 32},
+        "multiples": (1, 2, 4, 8),
+    },
+    "full": {
+        "steps": 600,
+        "seeds": (0, 1),
+        "base": {"model.dim": 64, "model.mlp_dim": 256, "model.num_heads": 2, "model.num_layers": 4,
+                 "data.kb": "small", "data.tokenizer": "bpe", "eval.qa_max_items": 1200},
+        "memory": {"model.memory.n_keys": 256, "model.memory.value_dim": 64, "model.memory.k": 16,
+                   "model.memory.heads": 4, "model.memory.key_dim": 32},
+        "multiples": (1, 2, 4, 8),
+    },
+}
+HEAD_DIM = 32
+COMMON = {"train.eval_every": 0, "train.checkpoint_every": 0, "train.log_every": 10,
+          "model.memory.value_update": "sparse", "model.memory.qk_norm": True, "model.head_dim": HEAD_DIM}
+
+
+def dense_scaled(base: dict, multiple: float, vocab: int) -> dict:
+  """Width and depth (dim a multiple of the head width, FFN 4x) whose FLOPs/token are closest to
+  ``multiple`` x the base's. Prefers the shallower model on near ties (faster on CPU)."""
+  if multiple == 1:
+    return {}
+  target = multiple * _runs.model_figures(base, vocab)["flops_per_token"]
+  best = None
+  for dim in range(base["model.dim"], 8 * base["model.dim"] + 1, HEAD_DIM):
+    for layers in range(base["model.num_layers"], 4 * base["model.num_layers"] + 1):
+      o = {"model.dim": dim, "model.mlp_dim": 4 * dim, "model.num_heads": dim // HEAD_DIM, "model.num_layers": layers}
+      flops = _runs.model_figures({**base, **o}, vocab)["flops_per_token"]
+      err = abs(flops / target - 1)
+      if best is None or err < best[0] - 0.01:
+        best = (err, o)
+  return best[1]
+
+
+def moe_matched(base: dict, memory_plus: dict, vocab: int) -> dict:
+  """MoE at Memory+'s layers: expert width for equal FLOPs/token, expert count for equal parameters."""
+  want = _runs.model_figures({**base, **memory_plus}, vocab)
+  layers = {"model.moe.layers": memory_plus["model.memory.layers"], "model.moe.top_k": 1}
+  best = None
+  for width in range(HEAD_DIM, 4 * base["model.mlp_dim"] + 1, HEAD_DIM):
+    o = {**layers, "model.moe.mlp_dim": width, "model.moe.num_experts": 2}
+    err = abs(_runs.model_figures({**base, **o}, vocab)["flops_per_token"] / want["flops_per_token"] - 1)
+    if best is None or err < best[0]:
+      best = (err, o)
+  o = best[1]
+  best = None
+  for experts in range(2, 513):
+    p = _runs.model_figures({**base, **o, "model.moe.num_experts": experts}, vocab)["params_total"]
+    err = abs(p / want["params_total"] - 1)
+    if best is None or err < best[0]:
+      best = (err, experts)
+  return {**o, "model.moe.num_experts": best[1]}
+
+
+def variants(preset: dict, vocab: int) -> dict[str, dict]:
+  """{variant name: overrides} for one preset (seed-independent)."""
+  base = {**COMMON, **preset["base"], "train.steps": preset["steps"]}
+  mem = preset["memory"]
+  memory = {**mem, "model.memory.layers": "centered:1", "model.memory.swilu": False}
+  memory_plus = {**mem, "model.memory.layers": "centered:3", "model.memory.swilu": True,
+                 "model.memory.shared": True}
+  out = {}
+  for m in preset["multiples"]:
+    out[f"dense_{m}x"] = {**base, **dense_scaled(base, m, vocab)}
+  out["moe"] = {**base, **moe_matched(base, memory_plus, vocab)}
+  out["memory"] = {**base, **memory}
+  out["memory_plus"] = {**base, **memory_plus}
+  return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  names = list(dict.fromkeys(r["variant"] for r in rows))
+  for name in names:
+    rs = [r for r in rows if r["variant"] == name]
+    x = rs[0]["flops_per_token"] / 1e6
+    ys = [r["qa_exact_match"] for r in rs]
+    style = ("o-", "C0") if name.startswith("dense") else ("s", {"moe": "C2", "memory": "C1"}.get(name, "C3"))
+    ax.errorbar([x], [np.mean(ys)], yerr=[[np.mean(ys) - min(ys)], [max(ys) - np.mean(ys)]], fmt=style[0][0],
+                color=style[1], capsize=3, label=None if name.startswith("dense") and name != "dense_1x" else
+                ("dense" if name.startswith("dense") else name))
+    ax.annotate(name.replace("dense_", ""), (x, np.mean(ys)), textcoords="offset points", xytext=(5, 4), fontsize=8)
+  dense = sorted((r for r in rows if r["variant"].startswith("dense")), key=lambda r: r["flops_per_token"])
+  if dense:
+    xs = sorted({r["flops_per_token"] for r in dense})
+    ax.plot([x / 1e6 for x in xs], [np.mean([r["qa_exact_match"] for r in dense if r["flops_per_token"] == x])
+                                    for x in xs], "-", color="C0", alpha=0.6)
+  ax.set_xscale("log")
+  ax.set_xlabel("forward FLOPs per token (millions)")
+  ax.set_ylabel("QA exact match (mean, min-max over seeds)")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+  p.add_argument("--seeds", default="", help="comma-separated (default: the preset's; full: 0,1)")
+  p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
+  p.add_argument("--steps", type=int, default=0, help="override the preset's step count (0 = keep)")
+  p.add_argument("--jobs", type=int, default=2, help="runs at once, each pinned to one core")
+  p.add_argument("--root", default="", help="workdirs (default: runs/bench_knowledge_<preset>)")
+  p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/knowledge_<preset>.json)")
+  args = p.parse_args(argv)
+  preset = dict(PRESETS[args.preset])
+  if args.steps:
+    preset["steps"] = args.steps
+  root = args.root or os.path.join(_runs.REPO, "runs", f"bench_knowledge_{args.preset}")
+  out = args.out or os.path.join(_runs.REPO, "benchmarks", "results", f"knowledge_{args.preset}.json")
+  seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
+  t0 = time.time()
+  vocab = _runs.prepare_data({**COMMON, **preset["base"]})
+  table = variants(preset, vocab)
+  if args.variants:
+    unknown = sorted(set(args.variants.split(",")) - set(table))
+    if unknown:
+      p.error(f"--variants: unknown {unknown}; choose from {sorted(table)}")
+    table = {k: v for k, v in table.items() if k in args.variants.split(",")}
+  runs = [_runs.Run(f"{name}_s{seed}", {**o, "train.seed": seed, "data.seed": seed}, group=name)
+          for seed in seeds for name, o in table.items()]
+  print(f"{len(runs)} runs, {args.jobs} at a time, in {root}", flush=True)
+  results = _runs.run_all(runs, root, jobs=args.jobs)
+  rows = []
+  for run in runs:
+    r = results[run.name]
+    final = r["final"]
+    rows.append({"variant": run.group, "seed": run.overrides["train.seed"],
+                 **_runs.model_figures(run.overrides, vocab),
+                 "qa_exact_match": final.get("qa_exact_match"), "qa_chance": final.get("qa_chance"),
+                 "qa_n": final.get("qa_n"), "val_loss": final.get("val_loss"),
+                 "train_loss": r["train_loss_last"], "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"],
+                 "overrides": run.overrides})
+  base_flops = next(r["flops_per_token"] for r in rows if r["variant"] == "dense_1x") if "dense_1x" in table else None
+  print(f"\n{'model':>12} {'QA EM (seeds)':>16} {'val loss':>9} {'params':>9} {'active':>8} "
+        f"{'FLOPs/tok':>10} {'x dense':>7} {'tok/s':>7}")
+  summary = {}
+  for name in table:
+    rs = [r for r in rows if r["variant"] == name]
+    qa = [r["qa_exact_match"] for r in rs]
+    s = {"qa_mean": float(np.mean(qa)), "qa_min": float(min(qa)), "qa_max": float(max(qa)),
+         "val_loss_mean": float(np.mean([r["val_loss"] for r in rs])),
+         "params_total": rs[0]["params_total"], "params_active": rs[0]["params_active"],
+         "flops_per_token": rs[0]["flops_per_token"],
+         "flops_x_dense": rs[0]["flops_per_token"] / base_flops if base_flops else None,
+         "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in rs]))}
+    summary[name] = s
+    print(f"{name:>12} {s['qa_mean']:>7.3f} ({' '.join(f'{q:.3f}' for q in qa)}) {s['val_loss_mean']:>9.3f} "
+          f"{s['params_total'] / 1e6:>8.2f}M {s['params_active'] / 1e6:>7.2f}M {s['flops_per_token'] / 1e6:>9.2f}M "
+          f"{(s['flops_x_dense'] or float('nan')):>7.2f} {s['tokens_per_s_median']:>7,.0f}")
+  checks = {}
+  if {"memory_plus", "dense_4x", "moe"} <= set(summary):
+    checks = {"memory_plus_ge_dense_4x": summary["memory_plus"]["qa_mean"] >= summary["dense_4x"]["qa_mean"],
+              "memory_plus_gt_moe": summary["memory_plus"]["qa_mean"] > summary["moe"]["qa_mean"]}
+    print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
+  chance = rows[0]["qa_chance"]
+  payload = {"command": "python benchmarks/knowledge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "machine": _runs.machine(), "preset": args.preset, "preset_config": preset, "seeds": seeds,
+             "vocab_size": vocab, "qa_chance": chance, "wall_s_total": time.time() - t0,
+             "summary": summary, "targets": checks, "runs": rows}
+  _runs.write_json(out, payload)
+  plot(rows, os.path.splitext(out)[0] + ".png",
+       f"Knowledge per FLOP ({args.preset}; {len(seeds)} seed(s); chance {chance:.3f})")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,75 @@
+"""The paper-claims benchmarks (benchmarks/knowledge.py, scaling.py): model matching and one real sweep."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import _runs  # noqa: E402
+import knowledge  # noqa: E402
+
+VOCAB = 1024
+
+
+@pytest.mark.parametrize("preset", sorted(knowledge.PRESETS))
+def test_dense_family_hits_flop_multiples(preset):
+  table = knowledge.variants(knowledge.PRESETS[preset], VOCAB)
+  base = _runs.model_figures(table["dense_1x"], VOCAB)["flops_per_token"]
+  for m in knowledge.PRESETS[preset]["multiples"]:
+    flops = _runs.model_figures(table[f"dense_{m}x"], VOCAB)["flops_per_token"]
+    assert abs(flops / base / m - 1) < 0.1, (m, flops / base)
+  # ... and the models really differ in size, growing with the multiple.
+  params = [_runs.model_figures(table[f"dense_{m}x"], VOCAB)["params_total"] for m in (1, 2, 4, 8)]
+  assert params == sorted(params) and len(set(params)) == 4
+
+
+@pytest.mark.parametrize("preset", sorted(knowledge.PRESETS))
+def test_moe_matches_memory_plus_in_flops_and_params(preset):
+  table = knowledge.variants(knowledge.PRESETS[preset], VOCAB)
+  moe = _runs.model_figures(table["moe"], VOCAB)
+  mp = _runs.model_figures(table["memory_plus"], VOCAB)
+  assert abs(moe["flops_per_token"] / mp["flops_per_token"] - 1) < 0.1
+  assert abs(moe["params_total"] / mp["params_total"] - 1) < 0.1
+  assert table["moe"]["model.moe.layers"] == table["memory_plus"]["model.memory.layers"]
+  # Memory and Memory+ cost at most the dense base's FLOPs (+10%) while holding more parameters.
+  dense = _runs.model_figures(table["dense_1x"], VOCAB)
+  for name in ("memory", "memory_plus"):
+    f = _runs.model_figures(table[name], VOCAB)
+    assert f["flops_per_token"] <= 1.1 * dense["flops_per_token"]
+    assert f["params_total"] > dense["params_total"]
+
+
+def test_read_log_splits_train_and_eval_records(tmp_path):
+  recs = [{"step": 10, "loss": 3.0, "tokens_per_s": 10.0}, {"step": 20, "loss": 2.0, "tokens_per_s": 100.0},
+          {"step": 30, "loss": 1.0, "tokens_per_s": 300.0}, {"step": 30, "val_loss": 1.5, "qa_exact_match": 0.25}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  out = _runs.read_log(str(tmp_path))
+  assert out["final"]["qa_exact_match"] == 0.25 and len(out["evals"]) == 1
+  assert out["train_loss_last"] == pytest.approx(2.0)
+  assert out["tokens_per_s"] == pytest.approx(200.0)  # the first interval (compilation) is dropped
+
+
+def test_knowledge_sweep_end_to_end(tmp_path):
+  """Two models, 3 steps each, two at a time through train.py: a JSON row per run and a plot."""
+  out = tmp_path / "k.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "knowledge.py"), "--preset=smoke",
+                         "--steps=3", "--variants=dense_1x,memory_plus", f"--root={tmp_path / 'runs'}",
+                         f"--out={out}"], capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  payload = json.loads(out.read_text())
+  assert {r["variant"] for r in payload["runs"]} == {"dense_1x", "memory_plus"}
+  for r in payload["runs"]:
+    assert 0.0 <= r["qa_exact_match"] <= 1.0 and r["tokens_per_s"] > 0 and r["qa_n"] == 64
+  assert payload["summary"]["memory_plus"]["params_total"] > payload["summary"]["dense_1x"]["params_total"]
+  assert (tmp_path / "k.png").stat().st_size > 1000
+  # A finished run is not re-run: the second call reuses both workdirs.
+  again = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "knowledge.py"), "--preset=smoke",
+                          "--steps=3", "--variants=dense_1x,memory_plus", f"--root={tmp_path / 'runs'}",
+                          f"--out={out}"], capture_output=True, text=True, env=env, timeout=600)
+  assert again.returncode == 0 and "start" not in again.stdout
