@@ -210,21 +210,44 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *, backend: st
 # ----- the row-sparse value update under a mesh ----------------------------------------------------
 
 
-def merge_rows(rows_N, grads_NxD, num_slots: int):
-  """Sums the gradients of equal rows: (rows [N], grads [N, D]) -> (distinct rows [N], summed
-  grads [N, D]) with the contract of ``embedding_bag_row_grads`` (ascending, then padding equal to
-  ``num_slots``). Entries >= ``num_slots`` are padding: they may repeat, their sums are dropped later.
-  The gradients are scatter-added into their segments unsorted, so no sorted copy of them is made."""
+UPDATE_CHUNK_ROWS = 1 << 16  # rows per step of the sharded sparse Adam loop
+
+
+def distinct_rows(rows_N, num_slots: int, multiple: int = 1):
+  """Numbers the distinct values of ``rows_N`` (ints in [0, num_slots]) in ascending order.
+
+  Returns ``(segment [N], rows [S])`` with S = min(N, num_slots + 1), the most distinct values there
+  can be, rounded up to a multiple of ``multiple``: ``rows[segment[i]] == rows_N[i]``; ``rows`` is
+  ascending, then padding ``num_slots``."""
   n = rows_N.shape[0]
+  size = -(-min(n, num_slots + 1) // multiple) * multiple
   order = jnp.argsort(rows_N, stable=True)
   sorted_rows = rows_N[order]
   starts = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
-  segment_sorted = jnp.cumsum(starts.astype(jnp.int32)) - 1
+  segment_sorted = jnp.cumsum(starts.astype(jnp.int32)) - 1  # < size: one per distinct value
   segment = jnp.zeros((n,), jnp.int32).at[order].set(segment_sorted, unique_indices=True)
-  merged = jax.ops.segment_sum(grads_NxD.astype(jnp.float32), segment, num_segments=n)
-  rows = jnp.full((n,), num_slots, jnp.int32).at[segment_sorted].set(
-      jnp.minimum(sorted_rows, num_slots).astype(jnp.int32))
-  return rows, merged
+  rows = jnp.full((size,), num_slots, jnp.int32).at[segment_sorted].set(sorted_rows.astype(jnp.int32))
+  return segment, rows
+
+
+def chunked_sparse_adam_update(values, state: SparseAdamState, rows_U, grads_UxD, lr, scale, *,
+                               chunk_rows: int, **adam):
+  """``sparse_adam_update(values, state, rows, scale * grads, lr)`` in a loop over chunks of
+  ``chunk_rows`` rows (U must be a multiple of it; rows distinct, padding >= M): the gathered rows,
+  moments and their new values exist for one chunk at a time, not for all U rows."""
+  u = rows_U.shape[0]
+  if u <= chunk_rows:
+    return sparse_adam_update(values, state, rows_U, grads_UxD * scale, lr, **adam)
+
+  def body(i, carry):
+    table, mu, nu = carry
+    rows = jax.lax.dynamic_slice_in_dim(rows_U, i * chunk_rows, chunk_rows)
+    grads = jax.lax.dynamic_slice_in_dim(grads_UxD, i * chunk_rows, chunk_rows) * scale
+    table, new = sparse_adam_update(table, SparseAdamState(mu, nu, state.count), rows, grads, lr, **adam)
+    return table, new.mu, new.nu
+
+  table, mu, nu = jax.lax.fori_loop(0, u // chunk_rows, body, (values, state.mu, state.nu))
+  return table, SparseAdamState(mu, nu, state.count + 1)
 
 
 def sharded_sparse_value_update(specs, table, opt: SparseAdamState, idx, wts, dys, lr, *, clip: float,
@@ -234,16 +257,21 @@ def sharded_sparse_value_update(specs, table, opt: SparseAdamState, idx, wts, dy
   ``specs`` from ``sharding.sparse_update_specs``. The row-gradient kernel is opaque to GSPMD,
   which would run it on every device over the whole batch's lookups. Here each device:
     1. takes its batch shard's lookups ``idx``/``wts`` [R, b, T, H*k] and tap cotangent ``dys``
-       [R, b, T, Dv_local] (column mode: its Dv/m columns; row mode: all columns, and lookups of
-       rows other devices own are sent to a padding row with weight 0);
-    2. computes its local (rows, row gradients) [N_local], [N_local, Dv_local];
-    3. all-gathers them over the batch axes (data, fsdp) and merges equal rows (``merge_rows``):
-       every device of a memory group now holds the same gradient of every row of its table
-       shard that the global batch read, [N_global, Dv_local];
+       [R, b, T, Dv_l] (column mode: its Dv/m columns; row mode: all columns, and the lookups of
+       rows other devices own go to a padding row with weight 0);
+    2. computes its local (rows [N_l], row gradients [N_l, Dv_l]) with the kernel;
+    3. merges them over the batch axes (data, fsdp): all-gathers the row ids only (ints), numbers
+       the distinct rows of the global batch (``distinct_rows``; there are at most
+       S = min(N_global, table rows + 1) of them), scatter-adds its gradients into its rows' slots
+       of an [S, Dv_l] buffer and ``psum``s the buffer over the batch axes. Every device of a
+       memory group then holds the same summed gradient of every row of its table shard that the
+       global batch read. The buffer is bounded by the table shard's rows as well as by the lookups;
     4. clips by the global norm: squares summed locally and ``psum``-ed over the table's axes only
-       (column: the same rows' other columns; row: other rows). Not over the batch axes: after the
-       merge their devices hold copies, not parts;
-    5. applies ``sparse_adam_update`` to its table shard and moment shards, in place.
+       (column: the same rows' other columns; row: other rows), not over the batch axes, whose
+       devices hold copies after the merge;
+    5. applies ``sparse_adam_update`` to its table shard and moment shards, in place, in a loop
+       over chunks of at most ``UPDATE_CHUNK_ROWS`` rows (``chunked_sparse_adam_update``), so the
+       gathered rows, moments and their new values exist for one chunk at a time.
   The table, its moments and the gradient are never gathered. Returns (table, opt, squared norm).
   """
   batch_spec, table_spec, dys_last, batch_axes, table_axes, row_axis = specs
@@ -259,19 +287,24 @@ def sharded_sparse_value_update(specs, table, opt: SparseAdamState, idx, wts, dy
       slots_in = slots + 1  # row ``slots`` collects the masked lookups: padding for the update
     else:
       slots_in = slots
-    rows, grads = embedding_bag_row_grads(idx, wts, dys, slots_in)
+    rows, grads = embedding_bag_row_grads(idx, wts, dys, slots_in)  # [N_l], [N_l, Dv_l]
+    chunk = rows.shape[0]
     if batch_axes:
-      rows = jax.lax.all_gather(rows, batch_axes, tiled=True)
-      grads = jax.lax.all_gather(grads, batch_axes, tiled=True)
-      rows, grads = merge_rows(rows, grads, slots_in)
+      n_local = rows.shape[0]
+      all_rows = jax.lax.all_gather(rows, batch_axes, tiled=True)  # [N_global] ints
+      bound = min(all_rows.shape[0], slots_in + 1)  # distinct rows the global batch can read
+      chunk = -(-bound // -(-bound // UPDATE_CHUNK_ROWS))  # equal chunks of <= UPDATE_CHUNK_ROWS
+      segment, rows = distinct_rows(all_rows, slots_in, chunk)
+      mine = jax.lax.dynamic_slice_in_dim(segment, jax.lax.axis_index(batch_axes) * n_local, n_local)
+      merged = jnp.zeros((rows.shape[0], grads.shape[1]), jnp.float32).at[mine].add(grads)
+      grads = jax.lax.psum(merged, batch_axes)
     sq = jnp.sum(jnp.square(grads))
     if table_axes:
       sq = jax.lax.psum(sq, table_axes)
     norm = jnp.sqrt(sq)
-    if clip > 0:
-      grads = grads * jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
-    table, new = sparse_adam_update(table, SparseAdamState(mu, nu, count), rows, grads, lr, b1=b1, b2=b2,
-                                    eps=eps, weight_decay=weight_decay)
+    scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30)) if clip > 0 else 1.0
+    table, new = chunked_sparse_adam_update(table, SparseAdamState(mu, nu, count), rows, grads, lr, scale,
+                                            chunk_rows=chunk, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     return table, new.mu, new.nu, new.count, sq
 
   table, mu, nu, count, sq = jax.shard_map(
