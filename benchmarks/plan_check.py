@@ -2,7 +2,11 @@
 devices from ShapeDtypeStructs (nothing allocated) and compares ``compiled.memory_analysis()``.
 
   python benchmarks/plan_check.py --config=configs/paper_373m.py --devices=8 --mesh data=8 \
+      --mesh data=2,memory=4 --mesh data=2,memory=4:row --value_update=dense,sparse \
       --batch_size=8 --seq_len=512 [--out=benchmarks/results/plan_check.json]
+
+``--mesh`` repeats; a ``:row`` suffix checks row-sharded values (default column). Every mesh is
+checked with every value update listed; each row of ``--out`` records the command that made it.
 
 Compared per device: arguments (parameters + optimizer state + batch) with XLA's argument bytes;
 temporaries (gradients + activations) with XLA's temp bytes; their sum with argument + output + temp
@@ -17,7 +21,7 @@ import time
 
 
 def check(config_path: str, sizes: dict, *, batch_size=None, seq_len=None, value_update=None,
-          backend="xla") -> dict:
+          value_sharding=None, backend="xla") -> dict:
   import dataclasses
 
   from memjax import comms, plan
@@ -25,8 +29,9 @@ def check(config_path: str, sizes: dict, *, batch_size=None, seq_len=None, value
   train = dataclasses.replace(cfg.train, **{k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len))
                                             if v is not None})
   model = cfg.model
-  if value_update is not None:
-    model = dataclasses.replace(model, memory=dataclasses.replace(model.memory, value_update=value_update))
+  for field, value in (("value_update", value_update), ("value_sharding", value_sharding)):
+    if value is not None:
+      model = dataclasses.replace(model, memory=dataclasses.replace(model.memory, **{field: value}))
   p = plan.plan(model, train, sizes)
   t0 = time.time()
   compiled, *_ = comms.compile_train_step(model, train, sizes, backend=backend)
@@ -36,12 +41,13 @@ def check(config_path: str, sizes: dict, *, batch_size=None, seq_len=None, value
          "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
   xla_total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
   planned_args = p["arguments_bytes"]
-  planned_temp = p["gradients_bytes"] + p["activations_bytes"]
+  planned_temp = p["temp_bytes"]
   planned_total = planned_args + planned_temp
   err = lambda a, b: (a - b) / b
   colls = comms.collectives(compiled)
   return {"config": config_path, "mesh": sizes, "batch_size": train.batch_size, "seq_len": train.seq_len,
-          "value_update": model.memory.value_update, "compile_seconds": round(seconds, 1),
+          "value_update": model.memory.value_update, "value_sharding": model.memory.value_sharding,
+          "compile_seconds": round(seconds, 1),
           "xla": xla, "xla_total": xla_total,
           "plan": {"arguments": planned_args, "temp": planned_temp, "total": planned_total},
           "error": {"arguments": err(planned_args, xla["argument"]), "temp": err(planned_temp, xla["temp"]),
@@ -53,21 +59,26 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", required=True)
   parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--mesh", default="data=8")
+  parser.add_argument("--mesh", action="append", help="repeatable; data=2,memory=4[:row]")
   parser.add_argument("--batch_size", type=int)
   parser.add_argument("--seq_len", type=int)
-  parser.add_argument("--value_update")
+  parser.add_argument("--value_update", help="comma list, e.g. dense,sparse")
   parser.add_argument("--out")
   args = parser.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from memjax import plan
-  r = check(args.config, plan.parse_mesh(args.mesh), batch_size=args.batch_size, seq_len=args.seq_len,
-            value_update=args.value_update)
-  print(json.dumps(r, indent=1))
-  if args.out:
-    old = json.load(open(args.out)) if os.path.exists(args.out) else []
-    json.dump(old + [r], open(args.out, "w"), indent=1)
+  command = "python " + " ".join(sys.argv)
+  for mesh in args.mesh or ["data=8"]:
+    text, _, mode = mesh.partition(":")
+    for update in (args.value_update.split(",") if args.value_update else [None]):
+      r = check(args.config, plan.parse_mesh(text), batch_size=args.batch_size, seq_len=args.seq_len,
+                value_update=update, value_sharding=mode or None)
+      r["devices"], r["command"] = args.devices, command
+      print(json.dumps(r, indent=1), flush=True)
+      if args.out:
+        old = json.load(open(args.out)) if os.path.exists(args.out) else []
+        json.dump(old + [r], open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

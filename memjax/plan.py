@@ -10,17 +10,27 @@ slots, Dk key width, Dv value width; m = the ``memory`` axis size.
 Per device (fp32 unless the config says otherwise):
   parameters   each parameter's shard under ``sharding.axis_rules`` (``spec_for`` on its logical axes)
   optimizer    Adam moments: 2 x the parameter shards (fp32), for the values too (dense or sparse)
-  update temps ~5 fp32 copies of the parameter shards (gradient, clipped gradient, new moments, update);
-               sparse values: [R B T H k, Dv] fp32 buffers over the whole batch's lookups instead
-  activations  what the backward pass keeps, per token of a block (``_activation_floats``), plus
-               the logits (3 V per token: logits, softmax, its gradient)
+  activations  what the backward pass keeps, per token of a block (``_activation_floats``), the
+               logits (3 V per token: logits, softmax, its gradient), and per memory layer the
+               gathered value rows [tokens, H k, Dv_local] (Dv/m in column mode, Dv in row mode)
+  temporaries  the larger of two phases, which XLA schedules apart and overlays in memory:
+                 backward: activations + parameter gradients (+ dense: one [rows, Dv_local] value
+                           gradient per memory layer, each reader's own scatter into zeros);
+                 update:   2 x (parameter gradients + dense per-layer value gradients) when the
+                           batch is split (the gradients and their all-reduced copies), 1 x if not;
+                           sparse: the merged row gradients [S, Dv_local] and their psum, S =
+                           min(global lookups, table rows on the device + 1) per table; without
+                           batch shards the 1-device step's ~5 [lookups, Dv] buffers.
+               (``gradients_bytes`` is the update phase; ``temp_bytes`` the larger one.)
+               Checked against XLA's ``memory_analysis`` by ``benchmarks/plan_check.py``.
   FLOPs/token  6 x ``ModelConfig.flops_per_token`` (forward + backward)
   gathered     bytes of value rows one token reads: ``MemoryConfig.bytes_read_per_token`` x layers
   comms/step   data-parallel gradient all-reduce of the replicated parameter shards (and of the
-               value table's shard in dense mode; sparse: the lookups' row gradients); FSDP gathers
-               of the embed-sharded ones (forward + backward) and a reduce-scatter of their grads;
-               column mode: a reduce of the memory read [b T, C] per memory layer (fwd + bwd);
-               row mode: a psum of the partial reads [b T, Dv] per memory layer (fwd + bwd).
+               value table's shard in dense mode; sparse: an all-gather of the lookups' row ids and a
+               psum of the merged row gradients); FSDP gathers of the embed-sharded parameters
+               (forward + backward) and a reduce-scatter of their grads; column mode: a reduce of the
+               memory read [b T, C] per memory layer (fwd + bwd); row mode: a psum of the partial
+               reads [b T, Dv] per memory layer (fwd + bwd).
 """
 
 from __future__ import annotations
@@ -99,6 +109,18 @@ def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str) -> int:
   return attn + 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + 5 * dv
 
 
+def _table_shard(model_cfg: ModelConfig, sizes: dict) -> tuple[int, int]:
+  """(rows, columns) of one value table on one device under the mesh's sharding rules."""
+  from memjax import sharding
+  mem = model_cfg.memory.layer
+  rules = sharding.axis_rules(model_cfg.memory.value_sharding)
+  spec = sharding.spec_for((mem.num_slots, mem.value_dim), (sharding.SLOTS, sharding.VALUE_DIM), rules,
+                           types.SimpleNamespace(shape=sizes))
+  split = lambda s: 1 if s is None else math.prod(sizes[a] for a in ((s,) if isinstance(s, str) else s))
+  spec = tuple(spec) + (None,) * (2 - len(spec))
+  return mem.num_slots // split(spec[0]), mem.value_dim // split(spec[1])
+
+
 def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
   """The per-device plan as a flat dict of numbers (bytes, FLOPs)."""
   mem = model_cfg.memory.layer
@@ -114,19 +136,38 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
   sparse = model_cfg.memory.value_update == "sparse"
   lookups = n_mem * tokens * mem.heads * mem.k
   global_lookups = lookups * batch_shards
-  # The optimizer step keeps ~5 fp32 copies of what it updates alive at once (gradient, clipped
-  # gradient, new first and second moments, the update), measured on XLA CPU.
-  grad_bytes = 5 * 4 * shards["params"]
-  if sparse and n_mem:
-    # The row-sparse update runs on every device over the lookups of the whole batch (the row-gradient
-    # kernel sees them all): one full [lookups, Dv] fp32 row-gradient buffer, and ~4 more for the
-    # gathered rows and moments, split over ``memory`` in column mode.
-    col = sizes["memory"] if model_cfg.memory.value_sharding == "column" else 1
-    grad_bytes += int(global_lookups * 4 * mem.value_dim * (1 + 4 / col))
-  else:
-    grad_bytes += 5 * 4 * shards["values"]
+  p_bytes = 4 * shards["params"]
+  # The value table's shard on one device: [rows, dv] (row mode splits rows, column mode dv).
+  rows, dv = _table_shard(model_cfg, sizes)
+  tables = 1 if model_cfg.memory.shared else n_mem
+  # Activations: what the backward keeps per token (``_activation_floats``), the logits, and each
+  # memory layer's gathered value rows [tokens, H k, dv] (the XLA bag materialises them; its
+  # backward reads them again for the weights' gradient).
   act = sum(_activation_floats(model_cfg, t, model_cfg.block_kind(i)) for i in range(model_cfg.num_layers))
-  act_bytes = 4 * tokens * (act + 3 * model_cfg.vocab_size + 2 * model_cfg.dim)
+  act_bytes = 4 * tokens * (act + 3 * model_cfg.vocab_size + 2 * model_cfg.dim + n_mem * mem.heads * mem.k * dv)
+  # Two phases peak apart (XLA reuses the activations' memory for the update):
+  #   backward  activations + the parameter gradients + (dense) one [rows, dv] value gradient per
+  #             memory layer (each reader's gradient is its own scatter into zeros until they are summed)
+  #   update    every gradient and its all-reduced copy (one tuple all-reduce over the batch axes when
+  #             they split the batch), 2 x (parameter gradients + per-layer value gradients); sparse:
+  #             the merged row gradients [S, dv] and their psum (S = min(global lookups, rows + 1)
+  #             distinct rows), Adam running over chunks of them in memory freed by the kernel.
+  #             Without batch shards the sparse step is the 1-device one: the row-gradient kernel and
+  #             Adam over all lookups, ~5 [lookups, dv] fp32 buffers.
+  copies = 2 if batch_shards > 1 else 1
+  if sparse and n_mem:
+    backward = act_bytes + p_bytes
+    if batch_shards > 1:
+      merged_rows = min(global_lookups // tables, rows + 1) * tables
+      update = copies * (p_bytes + 4 * merged_rows * dv)
+    else:
+      update = copies * p_bytes + 5 * 4 * global_lookups * dv
+  else:
+    value_grads = 4 * n_mem * rows * dv if n_mem else 0
+    backward = act_bytes + p_bytes + value_grads
+    update = copies * (p_bytes + value_grads)
+  grad_bytes = update
+  temp_bytes = max(backward, update)
   batch_bytes = 5 * 4 * tokens
 
   fwd = model_cfg.flops_per_token(t)
@@ -141,15 +182,16 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
   if sizes["memory"] > 1 and n_mem:
     width = model_cfg.dim if model_cfg.memory.value_sharding == "column" else mem.value_dim
     comm[f"memory read reduce ({model_cfg.memory.value_sharding})"] = 2 * n_mem * 4 * tokens * width
-  if sparse and n_mem and devices > 1:
-    comm["sparse update lookups"] = global_lookups * (4 * mem.value_dim + 8)
+  if sparse and n_mem and batch_shards > 1:  # all-gather the row ids, psum the merged row gradients
+    comm["sparse update row ids"] = 4 * global_lookups
+    comm["sparse update psum rows"] = 4 * min(global_lookups // tables, rows + 1) * tables * dv
   return {
       "devices": devices, "mesh": sizes, "tokens_per_device": tokens,
       "param_count": model_cfg.param_counts()["total"],
       "parameters_bytes": params_bytes, "optimizer_bytes": opt_bytes, "gradients_bytes": grad_bytes,
-      "activations_bytes": act_bytes, "batch_bytes": batch_bytes,
+      "activations_bytes": act_bytes, "batch_bytes": batch_bytes, "temp_bytes": temp_bytes,
       "arguments_bytes": params_bytes + opt_bytes + batch_bytes,
-      "total_bytes": 2 * (params_bytes + opt_bytes) + batch_bytes + grad_bytes + act_bytes,
+      "total_bytes": 2 * (params_bytes + opt_bytes) + batch_bytes + temp_bytes,
       "train_flops_per_token": 6 * fwd, "forward_flops_per_token": fwd,
       "value_bytes_gathered_per_token": n_mem * mem.bytes_read_per_token(),
       "comm_bytes_per_step": comm, "comm_total_bytes_per_step": sum(comm.values()),
@@ -168,8 +210,9 @@ def format_plan(p: dict) -> str:
            f"{p['param_count'] / 1e6:,.1f}M parameters",
            f"  parameters      {_fmt(p['parameters_bytes'])}",
            f"  optimizer       {_fmt(p['optimizer_bytes'])}",
-           f"  gradients       {_fmt(p['gradients_bytes'])}",
            f"  activations     {_fmt(p['activations_bytes'])}",
+           f"  update temps    {_fmt(p['gradients_bytes'])}",
+           f"  temporaries     {_fmt(p['temp_bytes'])}   (max of backward and update phases)",
            f"  total (peak)    {_fmt(p['total_bytes'])}   (state in + state out + temporaries)",
            f"  FLOPs/token     {p['train_flops_per_token'] / 1e9:.2f} GFLOP train "
            f"({p['forward_flops_per_token'] / 1e9:.2f} forward)",

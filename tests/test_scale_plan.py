@@ -1,9 +1,10 @@
 """The planner (``memjax.plan``): its per-device figures agree with XLA's ``memory_analysis`` of the
 compiled sharded step, and its CLI prints a plan for the paper-size configs.
 
-Arguments (parameters + optimizer + batch) are exact. Temporaries are a formula: within 15% on the
-three layouts checked here; other layouts are off by more (see benchmarks/results/plan_check.json and
-the README's planner section), so the total is an estimate, not a bound."""
+Arguments (parameters + optimizer + batch) are exact. Temporaries are a formula (the larger of the
+backward and update phases, ``memjax/plan.py``): totals within 15% on the layouts checked here, for
+this small Memory+ model, and on every layout of the 373M in benchmarks/results/plan_check.json. The
+total is an estimate, not a bound: the planner may be under XLA's figure by a few percent."""
 
 import json
 import os
@@ -52,9 +53,10 @@ SCRIPT = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("plan_check", os.path.join(@REPO@, "benchmarks", "plan_check.py"))
     pc = importlib.util.module_from_spec(spec); spec.loader.exec_module(pc)
     cfg = os.path.join(@REPO@, "configs", "memory_plus.py")
-    out = [pc.check(cfg, dict(data=2, fsdp=1, memory=4), value_update="dense"),
-           pc.check(cfg, dict(data=4, fsdp=2, memory=1), value_update="sparse"),
-           pc.check(cfg, dict(data=8, fsdp=1, memory=1), value_update="sparse")]
+    out = [pc.check(cfg, dict(data=8, fsdp=1, memory=1), value_update=u) for u in ("dense", "sparse")]
+    out += [pc.check(cfg, dict(data=2, fsdp=1, memory=4), value_update=u, value_sharding=vs)
+            for u in ("dense", "sparse") for vs in ("column", "row")]
+    out += [pc.check(cfg, dict(data=4, fsdp=2, memory=1), value_update="sparse")]
     print("RESULT" + json.dumps(out))
 """).replace("@REPO@", repr(REPO))
 
@@ -66,4 +68,4 @@ def test_plan_is_within_15_percent_of_xla():
   assert proc.returncode == 0, proc.stderr[-3000:]
   for r in json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):]):
     assert abs(r["error"]["arguments"]) < 0.01, r
-    assert abs(r["error"]["total"]) < 0.15, r
+    assert abs(r["error"]["total"]) < 0.15, {k: r[k] for k in ("mesh", "value_update", "value_sharding", "error")}
