@@ -1,11 +1,11 @@
 """Memory size, cost and key usage: the paper's Figure 1 and its cost claims, at laptop scale.
 
   python benchmarks/scaling.py --preset=smoke            # <= 5 min on 2 cores
-  python benchmarks/scaling.py --preset=full             # the published figures (about 30 min)
+  python benchmarks/scaling.py --preset=full             # the published figures (about 40 min)
   python benchmarks/scaling.py --preset=full --parts=cost
 
 Three parts (``--parts``, default all), on the base model and Memory+ layers of
-``knowledge.py``'s preset of the same name:
+``knowledge.py``'s preset of the same name (training runs: 400 steps in "full", 30 in "smoke"):
 
   size   Memory+ with 64^2 ... 1024^2 slots (4k -> 1M), everything else fixed, trained with
          ``train.py`` on the same tokens: QA exact match and the training step time.
@@ -14,7 +14,7 @@ Three parts (``--parts``, default all), on the base model and Memory+ layers of
          update, and the dense FFN model (knowledge.py's dense_1x) of at least Memory+'s FLOPs.
   usage  Memory+ with and without ``qk_norm``: key usage (``used``: fraction of slots that any
          validation lookup touched; ``kl``: KL divergence of the slot-weight distribution from
-         uniform) evaluated several times during training.
+         uniform; ``gini``) on the validation batches, 8 times during training.
 
 Writes ``benchmarks/results/scaling_<preset>.json`` and ``.png``.
 """
@@ -35,6 +35,7 @@ import knowledge  # noqa: E402
 
 SIZES = {"smoke": (64, 128, 256), "full": (64, 128, 256, 512, 1024)}
 COST_SIZES = {"smoke": (64, 256), "full": (64, 256, 1024)}
+STEPS = {"smoke": 30, "full": 400}  # training steps of the size and usage runs
 
 
 def _memory_plus(preset: dict) -> dict:
@@ -75,9 +76,9 @@ def time_steps(models: dict[str, dict], vocab: int, repeats: int) -> dict[str, l
   return {name: r[3] for name, r in runners.items()}
 
 
-def part_size(preset_name: str, preset: dict, vocab: int, root: str, jobs: int) -> list[dict]:
+def part_size(preset: dict, sizes, vocab: int, root: str, jobs: int) -> list[dict]:
   mp = _memory_plus(preset)
-  runs = [_runs.Run(f"size_n{n}", {**mp, "model.memory.n_keys": n}, group=str(n)) for n in SIZES[preset_name]]
+  runs = [_runs.Run(f"size_n{n}", {**mp, "model.memory.n_keys": n}, group=str(n)) for n in sizes]
   results = _runs.run_all(runs, root, jobs=jobs)
   rows = []
   batch_tokens = mp.get("train.batch_size", 16) * mp.get("train.seq_len", 128)
@@ -95,12 +96,12 @@ def part_size(preset_name: str, preset: dict, vocab: int, root: str, jobs: int) 
   return rows
 
 
-def part_cost(preset_name: str, preset: dict, vocab: int, repeats: int) -> dict:
+def part_cost(preset: dict, sizes, vocab: int, repeats: int) -> dict:
   mp = _memory_plus(preset)
   dense = {**knowledge.COMMON, **preset["base"], "train.steps": preset["steps"]}
   models = {"dense_ffn": dense}
   for update in ("sparse", "dense"):
-    for n in COST_SIZES[preset_name]:
+    for n in sizes:
       models[f"{update}_n{n}"] = {**mp, "model.memory.n_keys": n, "model.memory.value_update": update}
   times = time_steps(models, vocab, repeats)
   ref = float(np.median(times["dense_ffn"]))
@@ -121,9 +122,10 @@ def part_cost(preset_name: str, preset: dict, vocab: int, repeats: int) -> dict:
 
 def part_usage(preset: dict, vocab: int, root: str, jobs: int) -> list[dict]:
   mp = _memory_plus(preset)
-  every = max(preset["steps"] // 6, 1)
-  runs = [_runs.Run(f"usage_qk{int(q)}", {**mp, "model.memory.qk_norm": q, "train.eval_every": every},
-                    group=f"qk_norm={q}") for q in (True, False)]
+  every = max(preset["steps"] // 8, 1)
+  # Evaluations here measure usage on the validation batches only (no QA decoding: it is slow).
+  runs = [_runs.Run(f"usage_qk{int(q)}", {**mp, "model.memory.qk_norm": q, "train.eval_every": every,
+                                          "eval.qa_from_kb": False}, group=f"qk_norm={q}") for q in (True, False)]
   results = _runs.run_all(runs, root, jobs=jobs)
   rows = []
   for run in runs:
@@ -131,11 +133,12 @@ def part_usage(preset: dict, vocab: int, root: str, jobs: int) -> list[dict]:
     rows.append({"qk_norm": run.overrides["model.memory.qk_norm"],
                  "steps": [int(e["step"]) for e in evals], "used": [e.get("used") for e in evals],
                  "kl": [e.get("kl") for e in evals], "gini": [e.get("gini") for e in evals],
-                 "qa_exact_match": [e.get("qa_exact_match") for e in evals]})
-  print(f"\n{'qk_norm':>8} {'step':>6} {'used':>6} {'kl':>6} {'QA EM':>6}")
+                 "val_loss": [e.get("val_loss") for e in evals]})
+  print(f"\n{'qk_norm':>8} {'step':>6} {'used':>6} {'kl':>6} {'gini':>6} {'val loss':>8}")
   for r in rows:
     for i, s in enumerate(r["steps"]):
-      print(f"{str(r['qk_norm']):>8} {s:>6} {r['used'][i]:>6.3f} {r['kl'][i]:>6.3f} {r['qa_exact_match'][i]:>6.3f}")
+      print(f"{str(r['qk_norm']):>8} {s:>6} {r['used'][i]:>6.3f} {r['kl'][i]:>6.3f} {r['gini'][i]:>6.3f} "
+            f"{r['val_loss'][i]:>8.3f}")
   return rows
 
 
@@ -189,7 +192,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="smoke", choices=sorted(knowledge.PRESETS))
   p.add_argument("--parts", default="size,cost,usage")
-  p.add_argument("--steps", type=int, default=0, help="override the preset's step count (0 = keep)")
+  p.add_argument("--steps", type=int, default=0, help="training steps of 'size' and 'usage' (0 = preset's)")
+  p.add_argument("--sizes", default="", help="n_keys of 'size', comma-separated (default: preset's)")
+  p.add_argument("--cost_sizes", default="", help="n_keys of 'cost', comma-separated (default: preset's)")
   p.add_argument("--repeats", type=int, default=0, help="timed steps per model in 'cost' (0 = preset's)")
   p.add_argument("--jobs", type=int, default=2)
   p.add_argument("--root", default="")
@@ -200,8 +205,9 @@ def main(argv=None):
   if unknown:
     p.error(f"--parts: unknown {unknown}; choose from size, cost, usage")
   preset = dict(knowledge.PRESETS[args.preset])
-  if args.steps:
-    preset["steps"] = args.steps
+  preset["steps"] = args.steps or STEPS[args.preset]
+  sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else SIZES[args.preset]
+  cost_sizes = [int(x) for x in args.cost_sizes.split(",")] if args.cost_sizes else COST_SIZES[args.preset]
   root = args.root or os.path.join(_runs.REPO, "runs", f"bench_scaling_{args.preset}")
   out = args.out or os.path.join(_runs.REPO, "benchmarks", "results", f"scaling_{args.preset}.json")
   t0 = time.time()
@@ -209,11 +215,11 @@ def main(argv=None):
   payload = {"command": "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "machine": _runs.machine(), "preset": args.preset, "preset_config": preset, "vocab_size": vocab}
   if "size" in parts:
-    payload["size"] = part_size(args.preset, preset, vocab, root, args.jobs)
+    payload["size"] = part_size(preset, sizes, vocab, root, args.jobs)
   if "usage" in parts:
     payload["usage"] = part_usage(preset, vocab, root, args.jobs)
   if "cost" in parts:
-    payload["cost"] = part_cost(args.preset, preset, vocab, args.repeats or (3 if args.preset == "smoke" else 7))
+    payload["cost"] = part_cost(preset, cost_sizes, vocab, args.repeats or (3 if args.preset == "smoke" else 7))
   payload["wall_s_total"] = time.time() - t0
   _runs.write_json(out, payload)
   plot(payload, os.path.splitext(out)[0] + ".png")

@@ -73,3 +73,23 @@ def test_knowledge_sweep_end_to_end(tmp_path):
                           "--steps=3", "--variants=dense_1x,memory_plus", f"--root={tmp_path / 'runs'}",
                           f"--out={out}"], capture_output=True, text=True, env=env, timeout=600)
   assert again.returncode == 0 and "start" not in again.stdout
+
+
+def test_scaling_sweep_end_to_end(tmp_path):
+  """All three parts at toy sizes: size and usage runs through train.py, interleaved cost timing."""
+  import scaling
+  out = tmp_path / "s.json"
+  scaling.main(["--preset=smoke", "--steps=3", "--sizes=16", "--cost_sizes=16", "--repeats=2",
+                f"--root={tmp_path / 'runs'}", f"--out={out}"])
+  payload = json.loads(out.read_text())
+  assert [r["slots"] for r in payload["size"]] == [256]
+  value_dim = knowledge.PRESETS["smoke"]["memory"]["model.memory.value_dim"]
+  assert payload["size"][0]["params_values"] == 256 * value_dim  # one shared pool
+  assert 0.0 <= payload["size"][0]["qa_exact_match"] <= 1.0
+  assert {r["model"] for r in payload["cost"]["rows"]} == {"dense_ffn", "sparse_n16", "dense_n16"}
+  assert all(len(r["times_s"]) == 2 for r in payload["cost"]["rows"])
+  for r in payload["usage"]:
+    assert r["steps"] == [1, 2, 3]  # evaluated every step (steps // 8 rounds down to 1)
+    assert all(0.0 < u <= 1.0 for u in r["used"]) and all(k >= 0.0 for k in r["kl"])
+  assert {r["qk_norm"] for r in payload["usage"]} == {True, False}
+  assert (tmp_path / "s.png").stat().st_size > 1000
