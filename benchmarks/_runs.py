@@ -157,3 +157,11 @@ def write_json(path: str, payload: dict) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=1, default=float)
   print(f"wrote {path}")
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  print(f"wrote {path}")

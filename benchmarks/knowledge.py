@@ -1,7 +1,7 @@
 """Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, Memory and Memory+ on the synthetic knowledge base.
 
   python benchmarks/knowledge.py --preset=smoke          # <= 5 min on 2 cores, one seed: does it all work
-  python benchmarks/knowledge.py --preset=full           # <= 60 min on 2 cores, two seeds: the figures
+  python benchmarks/knowledge.py --preset=full           # two seeds: the figures (76 min on a shared 2-core machine)
   python benchmarks/knowledge.py --preset=full --seeds=0 --variants=dense_1x,memory_plus
 
 Every model trains with ``train.py`` on the same tokens (same data seed and order for a given seed),
@@ -141,10 +141,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}")
+  _runs.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):

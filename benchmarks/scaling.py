@@ -1,7 +1,7 @@
 """Memory size, cost and key usage: the paper's Figure 1 and its cost claims, at laptop scale.
 
   python benchmarks/scaling.py --preset=smoke            # <= 5 min on 2 cores
-  python benchmarks/scaling.py --preset=full             # the published figures (about 40 min)
+  python benchmarks/scaling.py --preset=full             # the published figures
   python benchmarks/scaling.py --preset=full --parts=cost
 
 Three parts (``--parts``, default all), on the base model and Memory+ layers of
@@ -182,10 +182,7 @@ def plot(payload: dict, path: str) -> None:
     ax.set_title("Key usage over training", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  print(f"wrote {path}")
+  _runs.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

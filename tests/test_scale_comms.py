@@ -1,13 +1,11 @@
 """Collectives of the compiled sharded train step (``memjax.comms``): column mode never all-gathers
 the value table, row mode neither; the HLO parser reads shapes and bytes."""
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from fake_devices import run_result_script
 
 from memjax import comms
 
@@ -64,12 +62,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "memjax-test-jax-cache"))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
-
+  return run_result_script(SCRIPT)
 
 @pytest.mark.parametrize("mode", ["sparse/column", "dense/column", "sparse/row", "dense/row"])
 def test_step_never_all_gathers_the_value_table(results, mode):

@@ -9,13 +9,11 @@ lr (3e-3 here), so parameter differences stay ~1e-6 and losses ~1e-6 relative. A
 psum, a shard read twice, a gradient summed over the wrong axis) moves them by > 1e-2.
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from fake_devices import run_result_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,13 +98,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "memjax-test-jax-cache"))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
-
+  return run_result_script(SCRIPT)
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
 @pytest.mark.parametrize("mesh", ["data8", "col_d2m4", "row_d2m4", "fsdp_d4f2"])

@@ -4,17 +4,15 @@ shards are merged over the batch axes into a buffer bounded by the rows the batc
 runs over it in chunks. Checked on XLA's compiled step: its HLO and ``memory_analysis()`` (no timing). Equality with the 1-device run is in
 ``tests/test_scale_equivalence.py``."""
 
-import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_devices import run_result_script
 
 from memjax import train_lib
 from memjax.optim import SparseAdamState, sparse_adam_update
@@ -60,11 +58,7 @@ LOOKUPS, DV, MEMORY = 16 * 64 * 4 * 8, 128, 4
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "memjax-test-jax-cache"))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+  return run_result_script(SCRIPT)
 
 
 def test_one_device_step_holds_global_full_width_row_gradients(results):
