@@ -24,11 +24,14 @@ class FakeModel:
 
   def __init__(self, tokenizer, scripts, seq_len, batch_size):
     self.tok, self.scripts = tokenizer, scripts
-    self.shape = (batch_size, seq_len)
-    self.calls = 0
+    self.batch_size, self.seq_len = batch_size, seq_len
+    self.calls, self.widths = 0, set()
 
   def __call__(self, tokens_BxT):
-    assert tokens_BxT.shape == self.shape and tokens_BxT.dtype == np.int32  # fixed shapes: jit once
+    assert tokens_BxT.shape[0] == self.batch_size and tokens_BxT.dtype == np.int32
+    assert tokens_BxT.shape[1] <= self.seq_len
+    self.widths.add(tokens_BxT.shape[1])
+    assert len(self.widths) == 1  # one shape for every call: jit traces once
     self.calls += 1
     b_size, t_size = tokens_BxT.shape
     logits_BxTxV = np.zeros((b_size, t_size, self.tok.vocab_size), np.float32)
@@ -67,6 +70,22 @@ def test_known_answers_give_the_known_score():
   # max_answer_tokens defaults to the longest " " + answer (12 bytes) + 1, so decoding stops there.
   assert out["predictions"][0]["prediction"] == "Lyon. Mara I"
   assert out["prompts_truncated"] == 0
+
+
+def test_the_window_is_cut_to_the_longest_prompt_and_answer_without_changing_predictions():
+  tok = ByteTokenizer()
+  scripts = {"Mara Ivel was born in": " Lyon.", "Tomas Reid works for": " Norvex and more"}
+  items = [ITEMS[0], ITEMS[3]]
+  wide = FakeModel(tok, scripts, seq_len=128, batch_size=2)
+  out_wide = qa.qa_exact_match(wide, items, tok, batch_size=2, seq_len=128, return_predictions=True)
+  # bos + the longer prompt (21 bytes) + the answer budget (len(" Norvex") + 1 = 8) = 30 -> 32.
+  assert wide.widths == {32}
+  assert qa.decode_window([[0] * 21, [0] * 22], 8, 128) == 32
+  exact = FakeModel(tok, scripts, seq_len=32, batch_size=2)
+  out_exact = qa.qa_exact_match(exact, items, tok, batch_size=2, seq_len=32, return_predictions=True)
+  assert out_wide["predictions"] == out_exact["predictions"] and out_wide["qa_exact_match"] == 1.0
+  # Never wider than seq_len, even when the prompts and answers would want more.
+  assert qa.decode_window([[0] * 40], 8, 32) == 32
 
 
 def test_a_model_that_knows_nothing_scores_zero_and_stops_early():
