@@ -190,6 +190,7 @@ def evaluate(cfg: Config, fns, eval_fn, logits_fn, state, pipe, batch_sh) -> dic
     out["qa_exact_match"] = result["qa_exact_match"]
     out["qa_n"] = result["n"]
     out["qa_chance"] = qa_chance(items)
+    out.update({f"qa_exact_match/{attr}": v for attr, v in result.get("by_attribute", {}).items()})
   return out
 
 

@@ -71,6 +71,13 @@ def test_metrics_jsonl_has_the_contract_fields(tmp_path):
     assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
   final = [r for r in records if "qa_exact_match" in r][-1]
   assert 0.0 <= final["qa_exact_match"] <= 1.0 and 0.0 < final["used"] <= 1.0 and final["kl"] >= 0
+  # Per-attribute scores: one per attribute of the scored items, averaging (by count) to the total.
+  from memjax.data import load_qa_items
+  items = load_qa_items(tmp_path / "data", "tiny")[:16]  # the tiny config scores its first 16 facts
+  counts = {a: sum(it.attribute == a for it in items) for a in {it.attribute for it in items}}
+  by_attr = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("qa_exact_match/")}
+  assert set(by_attr) == set(counts) and len(counts) == 6
+  assert sum(by_attr[a] * n for a, n in counts.items()) / 16 == pytest.approx(final["qa_exact_match"])
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "w" / "tb"))
 
 
