@@ -42,6 +42,7 @@ import _runs  # noqa: E402
 #                    64-wide keys, top-32 (the same FLOPs and 64 rows per token as 4 heads of 32,
 #                    top-16). Chosen by a seed-0 screening of key width, heads, k, value learning
 #                    rate and slots (README, Results); seed 1 is the held-out check.
+#   judge_targets    whether the paper's targets are checked (not for smoke, where nothing is learnt)
 #   value_update     of the Memory and Memory+ models: at 65k slots the dense update is the faster
 #                    one on CPU (5,150 vs 3,180 tokens/s on one core, QA 0.625 vs 0.634 on seed 0).
 PRESETS = {
@@ -55,6 +56,7 @@ PRESETS = {
         "knowledge_layer": {"model.memory.heads": 2, "model.memory.key_dim": 64, "model.memory.k": 32},
         "multiples": (1, 2, 4, 8),
         "value_update": "dense",
+        "judge_targets": False,
     },
     "full": {
         "steps": 600,
@@ -66,6 +68,7 @@ PRESETS = {
         "knowledge_layer": {"model.memory.heads": 2, "model.memory.key_dim": 64, "model.memory.k": 32},
         "multiples": (1, 2, 4, 8),
         "value_update": "dense",
+        "judge_targets": True,
     },
 }
 HEAD_DIM = 32
@@ -218,7 +221,9 @@ def main(argv=None):
           f"{s['params_total'] / 1e6:>8.2f}M {s['params_active'] / 1e6:>7.2f}M {s['flops_per_token'] / 1e6:>9.2f}M "
           f"{(s['flops_x_dense'] or float('nan')):>7.2f} {s['tokens_per_s_median']:>7,.0f}")
   checks = {}
-  if {"memory_plus", "dense_4x", "moe"} <= set(summary):
+  if not preset["judge_targets"]:
+    print("\ntargets: not judged (the smoke preset checks that everything runs; its models learn no facts)")
+  elif {"memory_plus", "dense_4x", "moe"} <= set(summary):
     checks = {"memory_plus_ge_dense_4x": summary["memory_plus"]["qa_mean"] >= summary["dense_4x"]["qa_mean"],
               "memory_plus_gt_moe": summary["memory_plus"]["qa_mean"] > summary["moe"]["qa_mean"]}
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))

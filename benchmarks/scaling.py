@@ -4,8 +4,9 @@
   python benchmarks/scaling.py --preset=full             # the published figures
   python benchmarks/scaling.py --preset=full --parts=cost
 
-Three parts (``--parts``, default all), on the base model and Memory+ layers of
-``knowledge.py``'s preset of the same name (training runs: 400 steps in "full", 30 in "smoke"):
+Three parts (``--parts``, default all), on the base model and the ``memory`` layer (4 heads of
+32-wide keys, top-16; not the sweep's ``knowledge_layer`` change) of ``knowledge.py``'s preset of
+the same name, as three shared Memory+ layers (training runs: 400 steps in "full", 30 in "smoke"):
 
   size   Memory+ with 64^2 ... 1024^2 slots (4k -> 1M), everything else fixed, trained with
          ``train.py`` on the same tokens: QA exact match and the training step time.

@@ -198,7 +198,7 @@ def decode_window(prompts: Sequence[Sequence[int]], max_answer_tokens: int, seq_
 
   A causal model's logits at a position do not depend on what lies to its right, so cutting the
   pad ids after the longest prompt's answer changes no prediction; it only stops paying for them
-  (knowledge-base prompts are ~10 tokens, so a 64-token window does ~3x the work it needs).
+  (knowledge-base prompts and answers fit in 32 tokens, so a 64-token window does twice the work).
 
   Example:
     >>> decode_window([[1, 5, 6], [1, 7]], max_answer_tokens=4, seq_len=64)
