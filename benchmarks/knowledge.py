@@ -116,8 +116,7 @@ def moe_matched(base: dict, memory_plus: dict, vocab: int) -> dict:
 def variants(preset: dict, vocab: int) -> dict[str, dict]:
   """{variant name: overrides} for one preset (seed-independent)."""
   base = {**COMMON, **preset["base"], "train.steps": preset["steps"]}
-  mem = preset["memory"]
-  mem = {**mem, **preset["knowledge_layer"], "model.memory.value_update": preset["value_update"]}
+  mem = {**preset["memory"], **preset["knowledge_layer"], "model.memory.value_update": preset["value_update"]}
   memory = {**mem, "model.memory.layers": "centered:1", "model.memory.swilu": False}
   memory_plus = {**mem, "model.memory.layers": "centered:3", "model.memory.swilu": True,
                  "model.memory.shared": True}
