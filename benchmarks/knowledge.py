@@ -17,7 +17,8 @@ for the same number of steps, and is scored by QA exact match on every fact of t
 
 Reported per model and seed: QA exact match, final training and validation loss, total and active
 parameters, forward FLOPs per token (the config's formulas), tokens/s (median of the logged
-intervals, one core per run when ``--jobs=2``), and wall time. Writes
+intervals, one core per run when ``--jobs=2``), and wall time; and the FLOPs multiple of the dense
+model that Memory+ matches (``dense_equivalent``). Writes
 ``benchmarks/results/knowledge_<preset>.json`` and ``.png``; the workdirs stay under ``--root``
 (a finished run is not re-run, so an interrupted sweep resumes).
 """
@@ -44,7 +45,8 @@ import _runs  # noqa: E402
 #                    rate and slots (README, Results); seed 1 is the held-out check.
 #   judge_targets    whether the paper's targets are checked (not for smoke, where nothing is learnt)
 #   value_update     of the Memory and Memory+ models: at 65k slots the dense update is the faster
-#                    one on CPU (5,150 vs 3,180 tokens/s on one core, QA 0.625 vs 0.634 on seed 0).
+#                    one on CPU (knowledge_screening.json: 5,208 tokens/s on one core, against
+#                    3,166 for a sparse run; QA 0.625 against the sparse layer's 0.634 on seed 0).
 PRESETS = {
     "smoke": {
         "steps": 30,
@@ -127,6 +129,25 @@ def variants(preset: dict, vocab: int) -> dict[str, dict]:
   out["memory"] = {**base, **memory}
   out["memory_plus"] = {**base, **memory_plus}
   return out
+
+
+def dense_equivalent(summary: dict, name: str = "memory_plus") -> float | None:
+  """The FLOPs multiple (x dense 1x) of a dense model as good as ``name`` in mean QA: linear in
+  log FLOPs between the two dense models around it; None outside the dense range.
+
+  Example:
+    >>> s = {"dense_1x": {"qa_mean": 0.2, "flops_x_dense": 1.0}, "dense_4x": {"qa_mean": 0.6, "flops_x_dense": 4.0},
+    ...      "memory_plus": {"qa_mean": 0.4, "flops_x_dense": 1.0}}
+    >>> dense_equivalent(s)
+    2.0
+  """
+  dense = sorted((v["flops_x_dense"], v["qa_mean"]) for k, v in summary.items()
+                 if k.startswith("dense_") and v["flops_x_dense"])
+  qa = summary[name]["qa_mean"]
+  for (f0, q0), (f1, q1) in zip(dense, dense[1:]):
+    if q0 <= qa <= q1 and q1 > q0:
+      return float(np.exp(np.log(f0) + (qa - q0) / (q1 - q0) * (np.log(f1) - np.log(f0))))
+  return None
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -226,11 +247,16 @@ def main(argv=None):
     checks = {"memory_plus_ge_dense_4x": summary["memory_plus"]["qa_mean"] >= summary["dense_4x"]["qa_mean"],
               "memory_plus_gt_moe": summary["memory_plus"]["qa_mean"] > summary["moe"]["qa_mean"]}
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
+    equiv = dense_equivalent(summary)
+    print(f"memory_plus is as good as a dense model of {equiv:.2f}x FLOPs" if equiv else
+          "memory_plus is outside the dense models' QA range")
   chance = rows[0]["qa_chance"]
   payload = {"command": "python benchmarks/knowledge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "machine": _runs.machine(), "preset": args.preset, "preset_config": preset, "seeds": seeds,
              "vocab_size": vocab, "qa_chance": chance, "wall_s_total": time.time() - t0,
-             "summary": summary, "targets": checks, "runs": rows}
+             "summary": summary, "targets": checks,
+             "memory_plus_dense_equivalent_x": dense_equivalent(summary) if "memory_plus" in summary else None,
+             "runs": rows}
   _runs.write_json(out, payload)
   plot(rows, os.path.splitext(out)[0] + ".png",
        f"Knowledge per FLOP ({args.preset}; {len(seeds)} seed(s); chance {chance:.3f})")

@@ -44,6 +44,14 @@ def test_moe_matches_memory_plus_in_flops_and_params(preset):
     assert f["params_total"] > dense["params_total"]
 
 
+def test_dense_equivalent_interpolates_in_log_flops():
+  dense = {f"dense_{m}x": {"qa_mean": q, "flops_x_dense": float(m)} for m, q in ((1, 0.3), (2, 0.6), (4, 0.8))}
+  for qa, want in ((0.6, 2.0), (0.7, 2 * 2**0.5), (0.45, 2**0.5)):
+    got = knowledge.dense_equivalent({**dense, "memory_plus": {"qa_mean": qa, "flops_x_dense": 1.0}})
+    assert got == pytest.approx(want)
+  assert knowledge.dense_equivalent({**dense, "memory_plus": {"qa_mean": 0.9, "flops_x_dense": 1.0}}) is None
+
+
 def test_read_log_splits_train_and_eval_records(tmp_path):
   recs = [{"step": 10, "loss": 3.0, "tokens_per_s": 10.0}, {"step": 20, "loss": 2.0, "tokens_per_s": 100.0},
           {"step": 30, "loss": 1.0, "tokens_per_s": 300.0}, {"step": 30, "val_loss": 1.5, "qa_exact_match": 0.25}]
