@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from configs import base
+from memjax.config_bridge import config_from_dict
 
-from configs import base  # noqa: E402
-from memjax.run_config import config_from_dict  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +62,8 @@ def prepare_data(overrides: dict[str, Any]) -> int:
   """Builds the dataset and tokenizer once, before parallel runs would race to; returns the vocabulary."""
   from memjax.data import make_pipeline
   cfg = config_from_dict(raw_config(overrides))
-  pipe = make_pipeline(**dataclasses.asdict(cfg.data), seq_len=cfg.train.seq_len,
-                       batch_size=cfg.train.batch_size, qa_jsonl=cfg.eval.qa_jsonl)
+  pipe = make_pipeline(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                       qa_jsonl=cfg.eval.qa_jsonl)
   return pipe.tokenizer.vocab_size
 
 

@@ -13,7 +13,6 @@ training run eats; the target is >= 10x).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,15 +22,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from memjax.data import batch_dataset, prepare_knowledge  # noqa: E402
-from memjax.data.config import DataConfig  # noqa: E402
-from memjax.data.pipeline import TextSource, tokenizer_for  # noqa: E402
+from memjax.command import ArgumentParser, run_command
+from memjax.config import DataConfig
+from memjax.data import batch_dataset, prepare_knowledge
+from memjax.data.pipeline import TextSource, tokenizer_for
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="benchmarks/data_pipeline.py", description=__doc__.split("\n\n")[0])
   p.add_argument("--kb", default="small", help="knowledge-base size to read")
   p.add_argument("--data_dir", default=None, help="prepared data (default: a fresh temporary directory)")
   p.add_argument("--tokenizers", default="byte,bpe")
@@ -123,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

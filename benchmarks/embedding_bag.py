@@ -22,7 +22,6 @@ Results go to benchmarks/results/embedding_bag.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -40,10 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from memjax.kernels import cpu as cpu_backend  # noqa: E402
-from memjax.kernels.embedding_bag import embedding_bag, embedding_bag_row_grads  # noqa: E402
+from memjax.command import ArgumentParser, run_command
+from memjax.kernels import cpu as cpu_backend
+from memjax.kernels.embedding_bag import embedding_bag, embedding_bag_row_grads
 
 HBM = {"H100 (3.35 TB/s)": 3.35e12, "TPU v5e (819 GB/s)": 819e9, "TPU v5p (2.76 TB/s)": 2.76e12}
 FULL = [  # (num_slots M, value_dim D, bags B, bag size L, dtype)
@@ -191,7 +189,7 @@ def print_config(res, memcpy):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="benchmarks/embedding_bag.py", description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small tables and 5 rounds")
   parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 10, quick 5)")
   parser.add_argument("--ops", default="fwd,fwd+bwd,fwd+bwd_dense", help="comma-separated operations")
@@ -249,4 +247,4 @@ def _cpu_model():
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

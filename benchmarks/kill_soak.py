@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from memjax.command import ArgumentParser, run_command
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -114,7 +116,8 @@ def _attempt(cmd, workdir, rng, kill: bool, max_delay: float, steps: int = 0):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="benchmarks/kill_soak.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--kills", type=int, default=20)
   parser.add_argument("--steps", type=int, default=16)
   parser.add_argument("--checkpoint_every", type=int, default=2)
@@ -194,4 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

@@ -25,16 +25,14 @@ model that Memory+ matches (``dense_equivalent``). Writes
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import _runs  # noqa: E402
+import _runs  # benchmarks/ is the script's directory, first on sys.path
+from memjax.command import ArgumentParser, run_command
 
 # The base model and data of each preset. "full" is sized so that the dense 1x model is
 # capacity-bound (QA well below 100%) within the step budget.
@@ -180,7 +178,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="benchmarks/knowledge.py", description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
   p.add_argument("--seeds", default="", help="comma-separated (default: the preset's; full: 0,1)")
   p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
@@ -263,4 +261,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

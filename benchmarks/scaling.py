@@ -22,17 +22,15 @@ Writes ``benchmarks/results/scaling_<preset>.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import _runs  # noqa: E402
-import knowledge  # noqa: E402
+import _runs  # benchmarks/ is the script's directory, first on sys.path
+import knowledge
+from memjax.command import ArgumentParser, run_command
 
 SIZES = {"smoke": (64, 128, 256), "full": (64, 128, 256, 512, 1024)}
 COST_SIZES = {"smoke": (64, 256), "full": (64, 256, 1024)}
@@ -56,7 +54,7 @@ def time_steps(models: dict[str, dict], vocab: int, repeats: int) -> dict[str, l
   """Seconds per jitted train step of each model, measured interleaved after one compile step each."""
   import jax
 
-  from memjax.train_lib import make_step_fns
+  from memjax.train.step import make_step_fns
   runners = {}
   for name, overrides in models.items():
     cfg = _runs.typed_config(overrides, vocab)
@@ -187,7 +185,7 @@ def plot(payload: dict, path: str) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="benchmarks/scaling.py", description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="smoke", choices=sorted(knowledge.PRESETS))
   p.add_argument("--parts", default="size,cost,usage")
   p.add_argument("--steps", type=int, default=0, help="training steps of 'size' and 'usage' (0 = preset's)")
@@ -224,4 +222,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

@@ -11,21 +11,19 @@ slows them alike; the table reports medians and the ratio to the smallest memory
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import default  # noqa: E402
-from memjax.run_config import config_from_dict  # noqa: E402
-from memjax.train_lib import make_step_fns  # noqa: E402
+from configs import default
+from memjax.command import ArgumentParser, run_command
+from memjax.config_bridge import config_from_dict
+from memjax.train.step import make_step_fns
 
 
 def _batch(b, t, vocab, seed=0):
@@ -36,7 +34,7 @@ def _batch(b, t, vocab, seed=0):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="benchmarks/step_time.py", description=__doc__.splitlines()[0])
   p.add_argument("--n_keys", default="64,256,1024")
   p.add_argument("--updates", default="sparse,dense")
   p.add_argument("--repeats", type=int, default=10)
@@ -86,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

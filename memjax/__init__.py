@@ -1,6 +1,7 @@
 """memjax: scalable product-key memory layers for JAX and Flax NNX.
 
-The public API is re-exported here; see README.md for a tour.
+The public API is re-exported here; see README.md for a tour. ``load_exported`` (which pulls in Orbax)
+is imported on first use.
 """
 
 from memjax.config import MemoryConfig, VALUE_DTYPES
@@ -11,6 +12,18 @@ from memjax.memory.read import MemoryReadout, memory_read, qk_normalize
 from memjax.metrics import USAGE_KEYS, memory_usage, slot_mass
 
 __version__ = "0.1.0"
+
+_LAZY = {"load_exported": "memjax.train.checkpoint"}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    import importlib
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'memjax' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +38,7 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_reference",
     "embedding_bag_row_grads",
+    "load_exported",
     "memory_read",
     "memory_usage",
     "product_key_topk",

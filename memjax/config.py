@@ -1,21 +1,35 @@
-"""Typed, validated configuration for memory layers.
+"""Every typed configuration of memjax, defined once: the memory layer, the model, the run.
 
-Every config is a frozen dataclass checked in ``__post_init__``: a bad value raises ``ValueError``
-naming the field and what is allowed, before anything is traced or allocated.
+Each config is a frozen dataclass checked in ``__post_init__``: a bad value raises ``ConfigError``
+naming the field and what is allowed, before anything is traced or allocated. The defaults here are
+the only defaults: ``configs/base.py`` is derived from ``Config()`` (``memjax.config_bridge``).
 
-Glossary (the letters used in shape names across memjax):
-  C   model (input/output) width            H   memory heads
-  Dk  query / key width (both halves)       n   sub-keys per half (``n_keys``)
-  M   slots = n * n                         Dv  value width (``value_dim``)
-  k   slots read per head
+Errors carry their field as a path. A config built on its own names its class
+(``MemoryConfig.k=40 must be <= n_keys=32 ...``); built from a run config, the same error names the
+dotted key (``model.memory.k=40 must be <= n_keys=32 ...``): ``ConfigError.under`` re-roots the
+path, messages are never rewritten as strings.
+
+Glossary (one meaning per letter, in shape names across memjax):
+  B   batch rows            T   tokens per row (sequence)     V   vocabulary
+  C   model width           N   attention heads               Dh  attention head width
+  F   FFN / expert hidden   E   experts                       K   experts per token (MoE top-k)
+  H   memory heads          Dk  query / key width (both halves)
+  n   sub-keys per half     M   slots = n * n                 Dv  value width
+  k   slots read per head   L   rows per bag (H * k in a memory read)
+  R   readers of one value pool (memory layers sharing it)    U   distinct rows of an update
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+import os
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
+
+from memjax.data.errors import DataError
+from memjax.sharding import MESH_AXES
 
 INT32_MAX = 2**31 - 1
 
@@ -24,29 +38,148 @@ VALUE_DTYPES = {
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Values the data section may name (the data package reads them from here, so that building a config
+# never imports TFDS). Knowledge-base sizes: name -> (people, train biographies per person).
+KB_SIZES: dict[str, tuple[int, int]] = {
+    "tiny": (20, 4),
+    "small": (200, 4),
+    "medium": (5_000, 4),
+    "large": (100_000, 4),
+}
+TOKENIZERS = ("byte", "bpe")
+MIN_BPE_VOCAB = 320  # byte fallback: 256 byte pieces + 4 specials + "\n", "\t", and room for merges
+VALIDATION_FRACTION = 0.05
+DATA_DIR_ENV = "MEMJAX_DATA_DIR"
 
 
-def _check_positive_int(owner: str, name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f"{owner}.{name}={value!r} must be a positive int, got {type(value).__name__}")
-  if value <= 0:
-    raise ValueError(f"{owner}.{name}={value} must be a positive int (> 0)")
+# ----- errors and field checks ---------------------------------------------------------------------
+
+_NO_VALUE = object()
 
 
-def _check_bool(owner: str, name: str, value: Any) -> None:
-  if not isinstance(value, bool):
-    raise ValueError(f"{owner}.{name}={value!r} must be True or False")
+class ConfigError(ValueError):
+  """A bad configuration value: one line naming the field, the value and what is allowed.
+
+  ``owner`` is where the field lives (a class name such as ``"MemoryConfig"``, or a dotted section
+  such as ``"model.memory"``), ``field`` the field (``""`` for the section itself), ``rule`` what is
+  allowed. ``str(e)`` is ``"{owner}.{field}={value!r} {rule}"``.
+
+  Example:
+    >>> str(ConfigError("train", "steps", 0, "must be a positive int"))
+    'train.steps=0 must be a positive int'
+    >>> str(ConfigError("MemoryConfig", "k", 9, "must be <= n_keys=8").under("model.memory"))
+    'model.memory.k=9 must be <= n_keys=8'
+  """
+
+  def __init__(self, owner: str, field: str = "", value: Any = _NO_VALUE, rule: str = ""):
+    self.owner, self.field, self.value, self.rule = owner, field, value, rule
+    super().__init__(self._render())
+
+  @property
+  def path(self) -> str:
+    """The dotted field, e.g. ``"model.memory.k"``."""
+    return f"{self.owner}.{self.field}" if self.field else self.owner
+
+  def _render(self) -> str:
+    head = self.path if self.value is _NO_VALUE else f"{self.path}={self.value!r}"
+    sep = "" if self.rule.startswith(":") else " "
+    return " ".join(f"{head}{sep}{self.rule}".split())  # one line, whatever the value's repr holds
+
+  def under(self, section: str) -> "ConfigError":
+    """The same error with the class that raised it replaced by the dotted ``section`` it was built
+    for: ``ModelConfig.moe.layers`` under ``"model"`` is ``model.moe.layers``."""
+    rest = self.owner.partition(".")[2]
+    return type(self)(f"{section}.{rest}" if rest else section, self.field, self.value, self.rule)
+
+  def __reduce__(self):  # picklable although __init__ takes several arguments
+    return type(self), (self.owner, self.field, self.value, self.rule)
 
 
-def _check_optional_positive_float(owner: str, name: str, value: Any) -> None:
-  if value is None:
+class DataConfigError(ConfigError, DataError):
+  """A bad ``DataConfig`` field: a ``ConfigError`` and, as every bad data input, a ``DataError``."""
+
+
+def is_int(value: Any) -> bool:
+  """An int that is not a bool (``True`` is an int in Python; never a valid count here)."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(owner: str, field: str, value: Any, *, low: int = 1, high: int | None = None,
+              rule: str | None = None, error: type[ConfigError] = ConfigError) -> None:
+  """Raises ``error`` (with ``rule``, or one saying the range) unless ``value`` is an int in ``[low, high]``."""
+  if is_int(value) and value >= low and (high is None or value <= high):
     return
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise ValueError(f"{owner}.{name}={value!r} must be None (use the default) or a positive float")
+  if rule is None and high is not None:
+    rule = f"must be an int in [{low}, {high}]"
+  elif rule is None:
+    rule = {1: "must be a positive int", 0: "must be a non-negative int"}.get(low, f"must be an int >= {low}")
+  raise error(owner, field, value, rule)
+
+
+def check_float(owner: str, field: str, value: Any, *, low: float = 0.0, strict: bool = False,
+                high: float | None = None, optional: bool = False,
+                error: type[ConfigError] = ConfigError) -> None:
+  """Raises ``error`` unless ``value`` is a finite number ``> low`` (``strict``) or ``>= low``, and
+  ``<= high`` when given; ``optional`` also admits None."""
+  if optional and value is None:
+    return
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value > low if strict else value >= low) and (high is None or value <= high))
+  if ok:
+    return
+  if high is not None:
+    rule = f"must be in ({low:g}, {high:g}]" if strict else f"must be in [{low:g}, {high:g}]"
+  else:
+    rule = f"must be a finite float {'>' if strict else '>='} {low:g}"
+  if optional:
+    rule = "must be None (use the default) or " + rule[len("must be "):]
+  raise error(owner, field, value, rule)
+
+
+def check_bool(owner: str, field: str, value: Any, *, error: type[ConfigError] = ConfigError) -> None:
+  if not isinstance(value, bool):
+    raise error(owner, field, value, "must be True or False")
+
+
+def check_choice(owner: str, field: str, value: Any, allowed, *, what: str = "is not supported",
+                 error: type[ConfigError] = ConfigError) -> None:
+  if value not in allowed:
+    raise error(owner, field, value, f"{what}; allowed: {list(allowed)}")
+
+
+class _Checked:
+  """Field checks for a config dataclass, owned by its class name (``ConfigError.under`` re-roots)."""
+
+  _error: ClassVar[type[ConfigError]] = ConfigError
+
+  def _fail(self, field: str, rule: str) -> None:
+    raise self._error(type(self).__name__, field, getattr(self, field), rule)
+
+  def _ints(self, *fields: str, low: int = 1, high: int | None = None, rule: str | None = None) -> None:
+    for f in fields:
+      check_int(type(self).__name__, f, getattr(self, f), low=low, high=high, rule=rule, error=self._error)
+
+  def _floats(self, *fields: str, low: float = 0.0, strict: bool = False, high: float | None = None,
+              optional: bool = False) -> None:
+    for f in fields:
+      check_float(type(self).__name__, f, getattr(self, f), low=low, strict=strict, high=high,
+                  optional=optional, error=self._error)
+
+  def _bools(self, *fields: str) -> None:
+    for f in fields:
+      check_bool(type(self).__name__, f, getattr(self, f), error=self._error)
+
+  def _choice(self, field: str, allowed, what: str = "is not supported") -> None:
+    check_choice(type(self).__name__, field, getattr(self, field), allowed, what=what, error=self._error)
+
+
+# ----- the memory layer ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(_Checked):
   """One product-key memory layer (and the value pool it reads).
 
   Attributes:
@@ -64,6 +197,9 @@ class MemoryConfig:
     key_init_scale: sub-keys ~ U(-a, a); ``None`` means ``a = key_dim**-0.5``.
     value_init_std: values ~ N(0, s); ``None`` means ``s = value_dim**-0.5``.
     out_init_std: ``W1``/``W2``/``W_o`` ~ N(0, s); ``None`` means ``s = fan_in**-0.5``.
+
+  The defaults are the paper's layer (1M slots, H 4, k 32, Dk 512, Dv 1024); a run's memory
+  defaults to a small one (``LMMemoryConfig.layer``).
 
   Example:
     >>> cfg = MemoryConfig(n_keys=32, heads=2, k=4, key_dim=16, value_dim=64)
@@ -85,26 +221,18 @@ class MemoryConfig:
   out_init_std: float | None = None
 
   def __post_init__(self):
-    owner = "MemoryConfig"
-    for name in ("n_keys", "heads", "k", "key_dim", "value_dim"):
-      _check_positive_int(owner, name, getattr(self, name))
-    for name in ("swilu", "qk_norm", "gated"):
-      _check_bool(owner, name, getattr(self, name))
-    for name in ("key_init_scale", "value_init_std", "out_init_std"):
-      _check_optional_positive_float(owner, name, getattr(self, name))
+    self._ints("n_keys", "heads", "k", "key_dim", "value_dim")
+    self._bools("swilu", "qk_norm", "gated")
+    self._floats("key_init_scale", "value_init_std", "out_init_std", strict=True, optional=True)
     if self.k > self.n_keys:
-      raise ValueError(
-          f"{owner}.k={self.k} must be <= n_keys={self.n_keys}: the product top-k takes k of the "
-          "n_keys sub-keys in each half")
+      self._fail("k", f"must be <= n_keys={self.n_keys}: the product top-k takes k of the n_keys sub-keys "
+                      "in each half")
     if self.key_dim % 2:
-      raise ValueError(f"{owner}.key_dim={self.key_dim} must be even: the query splits in two halves")
+      self._fail("key_dim", "must be even: the query splits in two halves")
     if self.n_keys**2 > INT32_MAX:
-      raise ValueError(
-          f"{owner}.n_keys={self.n_keys} gives n_keys**2={self.n_keys**2} slots, beyond int32 "
-          f"indices (max {INT32_MAX}); allowed n_keys <= 46340")
-    if self.value_dtype not in VALUE_DTYPES:
-      raise ValueError(
-          f"{owner}.value_dtype={self.value_dtype!r} is not supported; allowed: {sorted(VALUE_DTYPES)}")
+      self._fail("n_keys", f"gives n_keys**2={self.n_keys**2} slots, beyond int32 indices (max {INT32_MAX}); "
+                           "allowed n_keys <= 46340")
+    self._choice("value_dtype", sorted(VALUE_DTYPES))
 
   # ----- derived sizes -------------------------------------------------------------------------
   @property
@@ -122,7 +250,7 @@ class MemoryConfig:
 
   def layer_params(self, dim: int) -> int:
     """Parameters one layer owns besides the value table (input/output width ``dim`` = C)."""
-    _check_positive_int("MemoryConfig.layer_params", "dim", dim)
+    check_int("MemoryConfig.layer_params", "dim", dim)
     h, dk, dv, n = self.heads, self.key_dim, self.value_dim, self.n_keys
     count = dim * h * dk + h * dk  # query projection W_q [C, H, Dk] and its bias [H, Dk]
     count += h * 2 * n * (dk // 2)  # sub-keys [H, 2, n, Dk/2]
@@ -138,7 +266,7 @@ class MemoryConfig:
 
   def param_count(self, dim: int, *, layers: int = 1, shared: bool = True) -> int:
     """Total parameters of ``layers`` memory layers; ``shared`` means one value pool for all."""
-    _check_positive_int("MemoryConfig.param_count", "layers", layers)
+    check_int("MemoryConfig.param_count", "layers", layers)
     tables = 1 if shared else layers
     return layers * self.layer_params(dim) + tables * self.value_params()
 
@@ -150,7 +278,7 @@ class MemoryConfig:
     ``2 * 2 C Dv`` (or ``2 Dv C`` for ``W_o``) and the gating product ``Dv``; the scalar gate ``2 C``.
     Not counted: the top-k selections (comparisons, not FLOPs) and normalisations.
     """
-    _check_positive_int("MemoryConfig.flops_per_token", "dim", dim)
+    check_int("MemoryConfig.flops_per_token", "dim", dim)
     h, dk, dv, n, k = self.heads, self.key_dim, self.value_dim, self.n_keys, self.k
     flops = 2 * dim * h * dk + 2 * h * n * dk + h * k * k + 3 * h * k + 2 * h * k * dv
     if self.swilu:
@@ -166,42 +294,23 @@ class MemoryConfig:
     return self.heads * self.k * self.value_dim * jnp.dtype(self.jnp_value_dtype).itemsize
 
 
-# ================================================================================================
-# The language model and its training run. ``configs/*.py`` build an ``ml_collections.ConfigDict``
-# with the same nesting; ``Config.from_dict`` turns it into these typed, validated dataclasses.
-# ================================================================================================
-
-
-class ConfigError(ValueError):
-  """A bad configuration value; the message is one line naming the field and what is allowed."""
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
-
-
-def _pos_int(field, value, *, allow_zero=False):
-  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-    _fail(field, value, "must be a non-negative int" if allow_zero else "must be a positive int")
-
-
-def _pos_float(field, value, *, allow_zero=False):
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
-    _fail(field, value, "must be a finite float >= 0" if allow_zero else "must be a finite float > 0")
-
-
-def _choice(field, value, allowed):
-  if value not in allowed:
-    _fail(field, value, f"allowed: {list(allowed)}")
+# ----- the language model --------------------------------------------------------------------------
 
 
 def parse_layers(field: str, spec: Any, num_layers: int) -> tuple[int, ...]:
   """Layer indices from a tuple/list of ints, a string "4,12,20", "" (none) or "centered:N".
 
   "centered:N" spreads N layers with a large stride around the middle: layer round((i + 1/2) L / N),
-  e.g. 24 layers, N = 3 -> (4, 12, 20), the paper's Memory+ placement.
+  e.g. 24 layers, N = 3 -> (4, 12, 20), the paper's Memory+ placement. ``field`` is the dotted key
+  named in errors (``ConfigError``).
+
+  Example:
+    >>> parse_layers("model.memory.layers", "centered:3", 24)
+    (4, 12, 20)
   """
+  owner, _, name = field.rpartition(".")
+  given = spec
+  fail = lambda rule: ConfigError(owner, name, given, rule)
   if spec is None or spec == "" or spec == ():
     return ()
   if isinstance(spec, str):
@@ -209,83 +318,104 @@ def parse_layers(field: str, spec: Any, num_layers: int) -> tuple[int, ...]:
     if text.startswith("centered:"):
       count = text.split(":", 1)[1]
       if not count.isdigit() or not 0 < int(count) <= num_layers:
-        _fail(field, spec, f"'centered:N' needs 1 <= N <= num_layers={num_layers}")
+        raise fail(f"'centered:N' needs 1 <= N <= num_layers={num_layers}")
       n = int(count)
       layers = tuple(round((i + 0.5) * num_layers / n) for i in range(n))
       return tuple(min(max(l, 0), num_layers - 1) for l in layers)
     try:
       spec = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-      _fail(field, spec, "use comma-separated layer indices like '4,12,20' or 'centered:3'")
-  if isinstance(spec, int) and not isinstance(spec, bool):
+      raise fail("use comma-separated layer indices like '4,12,20' or 'centered:3'") from None
+  if is_int(spec):
     spec = (spec,)
-  if not isinstance(spec, (tuple, list)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-    _fail(field, spec, "use layer indices like (4, 12, 20), '4,12,20' or 'centered:3'")
+  if not isinstance(spec, (tuple, list)) or not all(is_int(i) for i in spec):
+    raise fail("use layer indices like (4, 12, 20), '4,12,20' or 'centered:3'")
   layers = tuple(spec)
-  for i in layers:
-    if not 0 <= i < num_layers:
-      _fail(field, spec, f"every index must be in [0, num_layers={num_layers})")
+  if any(not 0 <= i < num_layers for i in layers):
+    raise fail(f"every index must be in [0, num_layers={num_layers})")
   if len(set(layers)) != len(layers):
-    _fail(field, spec, "indices must be distinct")
+    raise fail("indices must be distinct")
   return tuple(sorted(layers))
 
 
+def format_layers(layers: tuple[int, ...]) -> str:
+  """The config-file form of layer indices: ``(4, 12, 20)`` -> ``"4,12,20"``."""
+  return ",".join(map(str, layers))
+
+
+BACKEND_NAMES = ("auto", "xla", "xla_loop", "cpu", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
+                 "pallas_tpu_interpret")
+
+
 @dataclasses.dataclass(frozen=True)
-class LMMemoryConfig:
-  """``config.model.memory``: the layer (``MemoryConfig``) plus where and how the LM uses it.
+class LMMemoryConfig(_Checked):
+  """``config.model.memory``: the layer (``MemoryConfig``, its fields flattened into this section)
+  plus where and how the LM uses it.
 
   layers: block indices whose FFN is a memory layer (``()`` = none).
   shared: all memory layers read one value pool (the paper's Memory+ layout).
   value_sharding: "column" (split value_dim over the mesh's ``memory`` axis) or "row" (split slots).
   value_update: "dense" (dense gradient, dense AdamW, like the paper's code) or "sparse"
     (row-sparse Adam: only rows the step read are updated; see ``memjax.optim``).
+  backend: the ``embedding_bag`` backend of the read ("auto" picks per platform).
   """
 
-  layer: MemoryConfig = MemoryConfig()
+  layer: MemoryConfig = MemoryConfig(n_keys=64, heads=4, k=16, key_dim=64, value_dim=128)
   layers: tuple[int, ...] = ()
   shared: bool = True
   value_sharding: str = "column"
   value_update: str = "sparse"
+  backend: str = "auto"
 
   def __post_init__(self):
-    _check_bool("model.memory", "shared", self.shared)
-    _choice("model.memory.value_sharding", self.value_sharding, ("column", "row"))
-    _choice("model.memory.value_update", self.value_update, ("dense", "sparse"))
+    if not isinstance(self.layer, MemoryConfig):
+      self._fail("layer", "must be a MemoryConfig")
+    self._bools("shared")
+    self._choice("value_sharding", ("column", "row"))
+    self._choice("value_update", ("dense", "sparse"))
+    self._choice("backend", BACKEND_NAMES)
+
+  @property
+  def row_sparse(self) -> bool:
+    """Whether training updates the value tables row-sparsely (sparse update and memory layers)."""
+    return self.value_update == "sparse" and bool(self.layers)
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  """``config.model.moe``: top-k routed SwiGLU experts (the paper's MoE baseline)."""
+class MoEConfig(_Checked):
+  """``config.model.moe``: top-k routed SwiGLU experts (the paper's MoE baseline).
+
+  layers: block indices whose FFN is an MoE; num_experts: E; top_k: K experts per token;
+  mlp_dim: each expert's hidden width F (0 = the dense FFN's ``mlp_dim``); capacity_factor: slots per
+  expert = ceil(capacity_factor * tokens * K / E); aux_loss_weight: weight of the balancing loss.
+  """
 
   layers: tuple[int, ...] = ()
   num_experts: int = 8
   top_k: int = 2
-  mlp_dim: int = 0  # 0 -> the dense FFN's mlp_dim
+  mlp_dim: int = 0
   capacity_factor: float = 1.25
   aux_loss_weight: float = 0.01
 
   def __post_init__(self):
-    _pos_int("model.moe.num_experts", self.num_experts)
-    _pos_int("model.moe.top_k", self.top_k)
-    _pos_int("model.moe.mlp_dim", self.mlp_dim, allow_zero=True)
-    _pos_float("model.moe.capacity_factor", self.capacity_factor)
-    _pos_float("model.moe.aux_loss_weight", self.aux_loss_weight, allow_zero=True)
+    self._ints("num_experts", "top_k")
+    self._ints("mlp_dim", low=0)
+    self._floats("capacity_factor", strict=True)
+    self._floats("aux_loss_weight")
     if self.top_k > self.num_experts:
-      _fail("model.moe.top_k", self.top_k, f"must be <= model.moe.num_experts={self.num_experts}")
-
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+      self._fail("top_k", f"must be <= num_experts={self.num_experts}")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
   """``config.model``: a pre-norm decoder-only LM (RMSNorm, RoPE, causal attention, SwiGLU FFN).
 
   Each block's feed-forward is a memory layer if its index is in ``memory.layers``, an MoE if in
-  ``moe.layers``, else a dense SwiGLU FFN of width ``mlp_dim``.
+  ``moe.layers``, else a dense SwiGLU FFN of width ``mlp_dim``. ``vocab_size`` 0 means "the
+  tokenizer's": the trainer fills it in (``Config.with_vocab``) before a model is built.
   """
 
-  vocab_size: int = 259
+  vocab_size: int = 0
   dim: int = 128
   num_layers: int = 4
   num_heads: int = 4
@@ -298,20 +428,21 @@ class ModelConfig:
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
-    for name in ("vocab_size", "dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):
-      _pos_int(f"model.{name}", getattr(self, name))
-    _pos_float("model.rope_theta", self.rope_theta)
-    _choice("model.dtype", self.dtype, tuple(COMPUTE_DTYPES))
-    _check_bool("model", "tie_embeddings", self.tie_embeddings)
+    self._ints("vocab_size", low=0)
+    self._ints("dim", "num_layers", "num_heads", "head_dim", "mlp_dim")
+    self._floats("rope_theta", strict=True)
+    self._choice("dtype", COMPUTE_DTYPES)
+    self._bools("tie_embeddings")
     if self.head_dim % 2:
-      _fail("model.head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
-    for field, layers in (("model.memory.layers", self.memory.layers), ("model.moe.layers", self.moe.layers)):
-      for i in layers:
-        if not 0 <= i < self.num_layers:
-          _fail(field, layers, f"every index must be in [0, model.num_layers={self.num_layers})")
+      self._fail("head_dim", "must be even (RoPE rotates pairs)")
+    for owner, layers in (("memory", self.memory.layers), ("moe", self.moe.layers)):
+      if any(not 0 <= i < self.num_layers for i in layers):
+        raise self._error(f"{type(self).__name__}.{owner}", "layers", layers,
+                          f"every index must be in [0, num_layers={self.num_layers})")
     both = set(self.memory.layers) & set(self.moe.layers)
     if both:
-      _fail("model.moe.layers", self.moe.layers, f"overlaps model.memory.layers at {sorted(both)}")
+      raise self._error(f"{type(self).__name__}.moe", "layers", self.moe.layers,
+                        f"overlaps memory.layers at {sorted(both)}")
 
   def block_kind(self, i: int) -> str:
     """"memory", "moe" or "dense" for block ``i``."""
@@ -376,15 +507,27 @@ class ModelConfig:
     return flops
 
 
+# ----- the training run ----------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """``config.train``: the optimisation run."""
+class TrainConfig(_Checked):
+  """``config.train``: the optimisation run.
+
+  steps, batch_size (global), seq_len: the run's shape. lr: peak learning rate; warmup_steps of
+  linear warmup, then ``decay`` ("linear" | "cosine" | "constant") to ``final_lr_frac * lr``.
+  value_lr: the value tables' peak rate (0 = ``value_lr_mult * lr``). b1, b2, eps: Adam.
+  weight_decay (matrices), value_weight_decay (tables). clip, value_clip: global-norm clips of the two
+  parameter groups (0 = none). seed: initialisation. checkpoint_every, eval_every: 0 = only at the
+  end. log_every: steps per metrics record. max_checkpoints kept. nan_policy: "stop" (exit 1) or
+  "skip" (leave the state unchanged for that step).
+  """
 
   steps: int = 1000
   batch_size: int = 16
   seq_len: int = 128
   lr: float = 3e-3
-  value_lr: float = 0.0  # 0 -> value_lr_mult * lr
+  value_lr: float = 0.0
   value_lr_mult: float = 10.0
   warmup_steps: int = 50
   decay: str = "linear"
@@ -404,21 +547,13 @@ class TrainConfig:
   nan_policy: str = "stop"
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "log_every", "max_checkpoints"):
-      _pos_int(f"train.{name}", getattr(self, name))
-    for name in ("warmup_steps", "seed", "checkpoint_every", "eval_every"):
-      _pos_int(f"train.{name}", getattr(self, name), allow_zero=True)
-    for name in ("lr", "value_lr_mult", "eps"):
-      _pos_float(f"train.{name}", getattr(self, name))
-    for name in ("value_lr", "weight_decay", "value_weight_decay", "clip", "value_clip"):
-      _pos_float(f"train.{name}", getattr(self, name), allow_zero=True)
-    for name in ("b1", "b2", "final_lr_frac"):
-      value = getattr(self, name)
-      _pos_float(f"train.{name}", value, allow_zero=True)
-      if value > 1:
-        _fail(f"train.{name}", value, "must be in [0, 1]")
-    _choice("train.decay", self.decay, ("linear", "cosine", "constant"))
-    _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+    self._ints("steps", "batch_size", "seq_len", "log_every", "max_checkpoints")
+    self._ints("warmup_steps", "seed", "checkpoint_every", "eval_every", low=0)
+    self._floats("lr", "value_lr_mult", "eps", strict=True)
+    self._floats("value_lr", "weight_decay", "value_weight_decay", "clip", "value_clip")
+    self._floats("b1", "b2", "final_lr_frac", high=1.0)
+    self._choice("decay", ("linear", "cosine", "constant"))
+    self._choice("nan_policy", ("stop", "skip"))
 
   @property
   def value_learning_rate(self) -> float:
@@ -426,7 +561,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Checked):
   """``config.mesh``: sizes of the ``data``, ``fsdp`` and ``memory`` axes; -1 = the remaining devices."""
 
   data: int = -1
@@ -434,46 +569,138 @@ class MeshConfig:
   memory: int = 1
 
   def __post_init__(self):
-    sizes = {"data": self.data, "fsdp": self.fsdp, "memory": self.memory}
-    for name, value in sizes.items():
-      if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-        _fail(f"mesh.{name}", value, "must be a positive int or -1 (the rest of the devices)")
-    if sum(v == -1 for v in sizes.values()) > 1:
-      _fail("mesh", sizes, "at most one axis may be -1")
+    for name in MESH_AXES:
+      value = getattr(self, name)
+      if not is_int(value) or (value < 1 and value != -1):
+        self._fail(name, "must be a positive int or -1 (the rest of the devices)")
+    if sum(getattr(self, a) == -1 for a in MESH_AXES) > 1:
+      raise self._error(type(self).__name__, "", self.sizes(), "may leave at most one axis -1")
+
+  def sizes(self) -> dict:
+    return {a: getattr(self, a) for a in MESH_AXES}
 
   def resolve(self, num_devices: int) -> dict:
-    """Concrete sizes whose product is ``num_devices``."""
-    sizes = {"data": self.data, "fsdp": self.fsdp, "memory": self.memory}
-    known = 1
-    for v in sizes.values():
-      known *= v if v != -1 else 1
+    """Concrete sizes whose product is ``num_devices``; ``ConfigError`` (owner ``mesh``) otherwise."""
+    sizes = self.sizes()
+    known = math.prod(v for v in sizes.values() if v != -1)
     if -1 in sizes.values():
       if num_devices % known:
-        _fail("mesh", sizes, f"fixed axes (product {known}) must divide the {num_devices} devices")
-      sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
-    elif known != num_devices:
-      _fail("mesh", sizes, f"the product of the axes must equal the {num_devices} devices (or use -1)")
+        raise ConfigError("mesh", "", sizes, f"fixed axes (product {known}) must divide the {num_devices} devices")
+      return {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+    if known != num_devices:
+      raise ConfigError("mesh", "", sizes, f"the product of the axes must equal the {num_devices} devices "
+                                           "(or use -1)")
     return sizes
 
 
+def default_data_dir() -> str:
+  """``$MEMJAX_DATA_DIR`` if set, else ``~/.cache/memjax/data``."""
+  return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "memjax", "data")
+
+
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """``config.eval``: validation loss, memory usage and closed-book QA."""
+class DataConfig(_Checked):
+  """``config.data``: what to train and evaluate on (``memjax.data.make_pipeline`` takes it whole).
+
+  Attributes:
+    kb: synthetic knowledge-base size, one of ``KB_SIZES`` ("tiny", "small", "medium", "large").
+      Its ``qa`` split is the QA evaluation unless a QA file is given; unused for training
+      when ``text_glob`` is set.
+    kb_seed: seed of the knowledge-base world (names, facts, templates); 0 is the standard world.
+    text_glob: train on local text files matching this glob (.txt, .md, .py, .jsonl) instead of
+      the knowledge base; ``None`` trains on the knowledge base.
+    validation_fraction: fraction of local-text documents (by path hash) held out, in [0, 1).
+    tokenizer: "byte" (UTF-8 bytes, 259 ids) or "bpe" (SentencePiece BPE trained on the train split).
+    bpe_vocab_size: BPE vocabulary size (a soft limit), >= 320.
+    data_dir: where prepared TFDS data and tokenizers live; ``None`` means ``default_data_dir()``:
+      ``$MEMJAX_DATA_DIR`` if set, else ``~/.cache/memjax/data``. Prepared data is a deterministic
+      function of its config, so one cache serves every run and workdir.
+    seed: shuffling / packing seed of the input pipeline.
+
+  Errors are ``DataConfigError``: both a ``ConfigError`` and the data package's ``DataError``.
+
+  Example:
+    >>> DataConfig(kb="tiny", tokenizer="bpe").bpe_vocab_size
+    1024
+    >>> DataConfig(tokenizer="wordpiece")
+    Traceback (most recent call last):
+    ...
+    memjax.config.DataConfigError: DataConfig.tokenizer='wordpiece' is not supported; allowed: ['byte', 'bpe']
+  """
+
+  _error: ClassVar[type[ConfigError]] = DataConfigError
+
+  kb: str = "small"
+  kb_seed: int = 0
+  text_glob: str | None = None
+  validation_fraction: float = VALIDATION_FRACTION
+  tokenizer: str = "byte"
+  bpe_vocab_size: int = 1024
+  data_dir: str | None = None
+  seed: int = 0
+
+  def __post_init__(self):
+    self._choice("kb", KB_SIZES, what="is not a knowledge-base size")
+    self._ints("kb_seed", "seed", low=0, high=2**32 - 1, rule="must be an int in [0, 2**32)")
+    if self.text_glob is not None and (not isinstance(self.text_glob, str) or not self.text_glob.strip()):
+      self._fail("text_glob", "must be None (use the knowledge base) or a non-empty glob string")
+    if not (isinstance(self.validation_fraction, (int, float)) and not isinstance(self.validation_fraction, bool)
+            and 0.0 <= self.validation_fraction < 1.0):
+      self._fail("validation_fraction", "must be a float in [0, 1)")
+    self._choice("tokenizer", TOKENIZERS)
+    self._ints("bpe_vocab_size", low=MIN_BPE_VOCAB)
+    if self.data_dir is not None and (not isinstance(self.data_dir, (str, os.PathLike)) or not os.fspath(self.data_dir)):
+      self._fail("data_dir", "must be None (use default_data_dir()) or a path")
+
+  @property
+  def resolved_data_dir(self) -> str:
+    return os.fspath(self.data_dir) if self.data_dir is not None else default_data_dir()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(_Checked):
+  """``config.eval``: validation loss, memory usage and closed-book QA.
+
+  qa_jsonl: a JSONL file of {"prompt", "answer"} lines replacing the knowledge base's QA split;
+  qa_from_kb: score the knowledge base's facts; qa_max_items, qa_batch_size; qa_max_answer_tokens
+  (0 = one more than the longest answer); qa_seq_len: the decoding window (0 = train.seq_len);
+  eval_batches: validation batches per evaluation (0 = none).
+  """
 
   qa_jsonl: str | None = None
   qa_from_kb: bool = True
   qa_max_items: int = 512
   qa_batch_size: int = 64
-  qa_max_answer_tokens: int = 0  # 0 = one more than the longest answer's tokens
-  qa_seq_len: int = 64  # decoding window; 0 = train.seq_len
+  qa_max_answer_tokens: int = 0
+  qa_seq_len: int = 64
   eval_batches: int = 4
 
   def __post_init__(self):
     if self.qa_jsonl is not None and (not isinstance(self.qa_jsonl, str) or not self.qa_jsonl):
-      _fail("eval.qa_jsonl", self.qa_jsonl, "must be a path to a JSONL file or None")
-    _check_bool("eval", "qa_from_kb", self.qa_from_kb)
-    for name in ("qa_max_items", "qa_batch_size"):
-      _pos_int(f"eval.{name}", getattr(self, name))
-    _pos_int("eval.qa_max_answer_tokens", self.qa_max_answer_tokens, allow_zero=True)
-    _pos_int("eval.qa_seq_len", self.qa_seq_len, allow_zero=True)
-    _pos_int("eval.eval_batches", self.eval_batches, allow_zero=True)
+      self._fail("qa_jsonl", "must be a path to a JSONL file or None")
+    self._bools("qa_from_kb")
+    self._ints("qa_max_items", "qa_batch_size")
+    self._ints("qa_max_answer_tokens", "qa_seq_len", "eval_batches", low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs: ``config.{model, train, mesh, data, eval}``.
+
+  ``configs/*.py`` describe it as an ``ml_collections.ConfigDict``; ``memjax.config_bridge`` converts
+  in both directions.
+
+  Example:
+    >>> Config().model.memory.layer.n_keys
+    64
+  """
+
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
+
+  def with_vocab(self, vocab_size: int) -> "Config":
+    """This config with ``model.vocab_size`` set (the tokenizer's size, when the config says 0)."""
+    return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=vocab_size))

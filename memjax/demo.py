@@ -5,7 +5,6 @@ Run: ``python -m memjax.demo`` (add ``--n_keys 256`` etc. to try other sizes).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -13,10 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax import MemoryConfig, ProductKeyMemory, memory_usage, product_key_topk_reference
+from memjax.command import ArgumentParser, run_command
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="python -m memjax.demo", description=__doc__.splitlines()[0])
   parser.add_argument("--n_keys", type=int, default=128)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--k", type=int, default=8)
@@ -52,4 +52,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_command(main)

@@ -17,32 +17,20 @@ Attention is causal and, when ``segment_ids`` are given, restricted to the same 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import COMPUTE_DTYPES, ModelConfig
-from memjax.memory.layer import MemoryOutput, ProductKeyMemory, ValueTable
+from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable
 from memjax.moe import MoE
-
-EMBED, VOCAB, HEADS, HEAD_DIM, MLP = "embed", "vocab", "heads", "head_dim", "mlp"
-
-
-def _param(value, *axes):
-  return nnx.Param(value, logical_axes=tuple(axes))
-
-
-def _normal(rngs, shape, std, *axes):
-  return _param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, *axes)
+from memjax.nn import normal_param, param, rms_norm
+from memjax.sharding import EMBED, HEAD_DIM, HEADS, MLP, VOCAB
 
 
 # ----- pure helpers -----------------------------------------------------------------------------
-
-
-def rms_norm(x_BxTxC, scale_C, eps: float = 1e-6):
-  x32 = x_BxTxC.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale_C.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + scale_C.shape)).astype(x_BxTxC.dtype)
 
 
 def rope(x_BxTxNxD, positions_BxT, theta: float):
@@ -69,7 +57,7 @@ def attention_mask(segment_ids_BxT):
 
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int):
-    self.scale = _param(jnp.ones((dim,), jnp.float32), EMBED)
+    self.scale = param(jnp.ones((dim,), jnp.float32), EMBED)
 
   def __call__(self, x):
     return rms_norm(x, self.scale[...])
@@ -81,10 +69,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     c, n, d = cfg.dim, cfg.num_heads, cfg.head_dim
     self.cfg = cfg
-    self.wq = _normal(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
-    self.wk = _normal(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
-    self.wv = _normal(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
-    self.wo = _normal(rngs, (n, d, c), (n * d) ** -0.5 / (2 * cfg.num_layers) ** 0.5, HEADS, HEAD_DIM, EMBED)
+    self.wq = normal_param(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
+    self.wk = normal_param(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
+    self.wv = normal_param(rngs, (c, n, d), c**-0.5, EMBED, HEADS, HEAD_DIM)
+    self.wo = normal_param(rngs, (n, d, c), (n * d) ** -0.5 / (2 * cfg.num_layers) ** 0.5, HEADS, HEAD_DIM, EMBED)
 
   def __call__(self, x_BxTxC, positions_BxT, mask_Bx1xTxT):
     dt = x_BxTxC.dtype
@@ -105,9 +93,9 @@ class SwiGLU(nnx.Module):
   """Dense feed-forward W_down (silu(x W_gate) * (x W_up))."""
 
   def __init__(self, dim: int, mlp_dim: int, num_layers: int, *, rngs: nnx.Rngs):
-    self.w_gate = _normal(rngs, (dim, mlp_dim), dim**-0.5, EMBED, MLP)
-    self.w_up = _normal(rngs, (dim, mlp_dim), dim**-0.5, EMBED, MLP)
-    self.w_down = _normal(rngs, (mlp_dim, dim), mlp_dim**-0.5 / (2 * num_layers) ** 0.5, MLP, EMBED)
+    self.w_gate = normal_param(rngs, (dim, mlp_dim), dim**-0.5, EMBED, MLP)
+    self.w_up = normal_param(rngs, (dim, mlp_dim), dim**-0.5, EMBED, MLP)
+    self.w_down = normal_param(rngs, (mlp_dim, dim), mlp_dim**-0.5 / (2 * num_layers) ** 0.5, MLP, EMBED)
 
   def __call__(self, x):
     dt = x.dtype
@@ -146,6 +134,8 @@ class Block(nnx.Module):
 class LM(nnx.Module):
   """The language model. ``LM(cfg, rngs=nnx.Rngs(0))(tokens)`` -> ``(logits, aux)``.
 
+  ``backend`` overrides ``cfg.memory.backend`` (the memory reads' ``embedding_bag`` backend).
+
   Example:
     >>> cfg = ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
     >>> logits, aux = LM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((2, 8), jnp.int32))
@@ -153,11 +143,15 @@ class LM(nnx.Module):
     (2, 8, 50)
   """
 
-  def __init__(self, cfg: ModelConfig, *, backend: str = "auto", rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, backend: str | None = None, rngs: nnx.Rngs):
+    if cfg.vocab_size < 1:
+      raise ValueError(f"ModelConfig.vocab_size={cfg.vocab_size} must be set (0 means \"the tokenizer's\": "
+                       "use Config.with_vocab(tokenizer.vocab_size) first)")
+    backend = cfg.memory.backend if backend is None else backend
     self.cfg = cfg
-    self.embed = _normal(rngs, (cfg.vocab_size, cfg.dim), 1.0, VOCAB, EMBED)
+    self.embed = normal_param(rngs, (cfg.vocab_size, cfg.dim), 1.0, VOCAB, EMBED)
     if not cfg.tie_embeddings:
-      self.unembed = _normal(rngs, (cfg.dim, cfg.vocab_size), cfg.dim**-0.5, EMBED, VOCAB)
+      self.unembed = normal_param(rngs, (cfg.dim, cfg.vocab_size), cfg.dim**-0.5, EMBED, VOCAB)
     mem = cfg.memory
     # One pool for all memory blocks when shared; otherwise each memory block creates its own.
     self.pool = ValueTable(mem.layer, rngs=rngs) if (mem.layers and mem.shared) else None
@@ -195,3 +189,40 @@ class LM(nnx.Module):
     if self.cfg.tie_embeddings:
       logits = logits * self.cfg.dim**-0.5
     return logits, {"moe_loss": moe_loss, "memory": memory}
+
+
+# ----- the model's parameters in two groups, and the value pools ------------------------------------
+
+
+def split_model(model: LM):
+  """``(graphdef, params, values)``: the value tables (``MemoryValue``) apart from every other parameter."""
+  graphdef, values, params = nnx.split(model, MemoryValue, nnx.Param)
+  return graphdef, params, values
+
+
+def merge_model(graphdef, params, values) -> LM:
+  """The inverse of ``split_model``."""
+  return nnx.merge(graphdef, values, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """One value table of a model and the memory blocks that read it.
+
+  key: ``"/".join(path)``, the table's name in optimizer states (e.g. ``"pool/values"``).
+  path: the table's path in the ``values`` State of ``split_model``.
+  readers: positions among the memory blocks (``LM.memory_blocks``) that read this table, in order.
+  """
+
+  key: str
+  path: tuple
+  readers: tuple[int, ...]
+
+
+def value_pools(model: LM) -> tuple[Pool, ...]:
+  """Every value table of ``model`` with its readers (one pool when ``memory.shared``)."""
+  paths = {id(v): tuple(path) for path, v in nnx.iter_graph(model) if isinstance(v, MemoryValue)}
+  readers: dict[int, list[int]] = {}
+  for j, i in enumerate(model.memory_blocks):
+    readers.setdefault(id(model.blocks[i].ffn.values.values), []).append(j)
+  return tuple(Pool("/".join(map(str, paths[var])), paths[var], tuple(r)) for var, r in readers.items())

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import MoEConfig
-
-EMBED, EXPERTS, MLP = "embed", "experts", "mlp"
+from memjax.nn import normal_param
+from memjax.sharding import EMBED, EXPERTS, MLP
 
 
 def route(logits_NxE, top_k: int):
@@ -89,14 +89,10 @@ class MoE(nnx.Module):
   def __init__(self, dim: int, cfg: MoEConfig, mlp_dim: int, num_layers: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     e, f = cfg.num_experts, mlp_dim
-
-    def normal(shape, std, *axes):
-      return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, logical_axes=axes)
-
-    self.router = normal((dim, e), dim**-0.5, EMBED, EXPERTS)
-    self.w_gate = normal((e, dim, f), dim**-0.5, EXPERTS, EMBED, MLP)
-    self.w_up = normal((e, dim, f), dim**-0.5, EXPERTS, EMBED, MLP)
-    self.w_down = normal((e, f, dim), f**-0.5 / (2 * num_layers) ** 0.5, EXPERTS, MLP, EMBED)
+    self.router = normal_param(rngs, (dim, e), dim**-0.5, EMBED, EXPERTS)
+    self.w_gate = normal_param(rngs, (e, dim, f), dim**-0.5, EXPERTS, EMBED, MLP)
+    self.w_up = normal_param(rngs, (e, dim, f), dim**-0.5, EXPERTS, EMBED, MLP)
+    self.w_down = normal_param(rngs, (e, f, dim), f**-0.5 / (2 * num_layers) ** 0.5, EXPERTS, MLP, EMBED)
 
   def __call__(self, x):
     lead, c = x.shape[:-1], x.shape[-1]

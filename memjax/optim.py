@@ -1,4 +1,8 @@
-"""Optimizers: AdamW for the model, and the value table in its own group, dense or row-sparse.
+"""Optimizers: AdamW for the model, and the value tables in their own group, dense or row-sparse.
+
+This module owns the whole value optimizer: the dense optax chain, and the row-sparse Adam on one
+device and on a mesh (``sparse_value_update``: row gradients, clip, Adam; under ``jax.shard_map``
+per shard, merged over the batch axes, in chunks of rows).
 
 Two parameter groups (memory-layers.md §2):
   rest    every parameter but the value tables: clip by global norm ``train.clip``, AdamW at
@@ -33,6 +37,11 @@ import jax.numpy as jnp
 import optax
 
 from memjax.config import TrainConfig
+from memjax.kernels.embedding_bag import embedding_bag_row_grads
+from memjax.kernels.xla import distinct_rows
+from memjax.sharding import SparseUpdateSpecs
+
+UPDATE_CHUNK_ROWS = 1 << 16  # default rows per step of the sharded sparse Adam loop
 
 
 def lr_schedule(peak: float, cfg: TrainConfig) -> optax.Schedule:
@@ -129,3 +138,111 @@ def sparse_adam_update(values_MxD, state: SparseAdamState, rows_U, grads_UxD, lr
   mu = state.mu.at[rows_U].set(m_new, mode="drop", unique_indices=True)
   nu = state.nu.at[rows_U].set(v_new, mode="drop", unique_indices=True)
   return values, SparseAdamState(mu, nu, t)
+
+
+def chunked_sparse_adam_update(values, state: SparseAdamState, rows_U, grads_UxD, lr, scale, *,
+                               chunk_rows: int, **adam):
+  """``sparse_adam_update(values, state, rows, scale * grads, lr)`` in a loop over chunks of
+  ``chunk_rows`` rows (U must be a multiple of it; rows distinct, padding >= M): the gathered rows,
+  moments and their new values exist for one chunk at a time, not for all U rows."""
+  u = rows_U.shape[0]
+  if u <= chunk_rows:
+    return sparse_adam_update(values, state, rows_U, grads_UxD * scale, lr, **adam)
+
+  def body(i, carry):
+    table, mu, nu = carry
+    rows = jax.lax.dynamic_slice_in_dim(rows_U, i * chunk_rows, chunk_rows)
+    grads = jax.lax.dynamic_slice_in_dim(grads_UxD, i * chunk_rows, chunk_rows) * scale
+    table, new = sparse_adam_update(table, SparseAdamState(mu, nu, state.count), rows, grads, lr, **adam)
+    return table, new.mu, new.nu
+
+  table, mu, nu = jax.lax.fori_loop(0, u // chunk_rows, body, (values, state.mu, state.nu))
+  return table, SparseAdamState(mu, nu, state.count + 1)
+
+
+def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamState, idx, wts, dys, lr, *,
+                        clip: float, b1: float, b2: float, eps: float, weight_decay: float,
+                        chunk_rows: int = UPDATE_CHUNK_ROWS, backend: str = "auto"):
+  """The row-sparse update of one value pool: row gradients, global-norm clip, row-sparse Adam.
+
+  ``idx``/``wts`` [R, B, T, H*k] are the lookups of the pool's R readers, ``dys`` [R, B, T, Dv] the
+  cotangents of their reads. ``specs`` (``sharding.sparse_update_specs``) None means one device:
+  the row gradients of the whole batch (``embedding_bag_row_grads`` with ``backend``), then Adam on
+  every row read. Otherwise ``sharded_sparse_value_update``. Returns (table, opt, squared norm of
+  the row gradients before clipping).
+  """
+  adam = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if specs is None:
+    rows, row_grads = embedding_bag_row_grads(idx, wts, dys, table.shape[0], backend=backend)
+    row_grads, norm = clip_rows(row_grads, clip)
+    table, opt = sparse_adam_update(table, opt, rows, row_grads, lr, **adam)
+    return table, opt, norm**2
+  return sharded_sparse_value_update(specs, table, opt, idx, wts, dys, lr, clip=clip, chunk_rows=chunk_rows,
+                                     backend=backend, **adam)
+
+
+def sharded_sparse_value_update(specs: SparseUpdateSpecs, table, opt: SparseAdamState, idx, wts, dys, lr, *,
+                                clip: float, b1: float, b2: float, eps: float, weight_decay: float,
+                                chunk_rows: int = UPDATE_CHUNK_ROWS, backend: str = "auto"):
+  """The row-sparse value update of one pool, computed per shard under ``jax.shard_map``.
+
+  The row-gradient kernel is opaque to GSPMD, which would run it on every device over the whole
+  batch's lookups. Here each device:
+    1. takes its batch shard's lookups ``idx``/``wts`` [R, b, T, H*k] and tap cotangent ``dys``
+       [R, b, T, Dv_l] (column mode: its Dv/m columns; row mode: all columns, and the lookups of
+       rows other devices own go to a padding row with weight 0);
+    2. computes its local (rows [N_l], row gradients [N_l, Dv_l]) with the kernel;
+    3. merges them over the batch axes (data, fsdp): all-gathers the row ids only (ints), numbers
+       the distinct rows of the global batch (``distinct_rows``; there are at most
+       S = min(N_global, table rows + 1) of them), scatter-adds its gradients into its rows' slots
+       of an [S, Dv_l] buffer and ``psum``s the buffer over the batch axes. Every device of a
+       memory group then holds the same summed gradient of every row of its table shard that the
+       global batch read. The buffer is bounded by the table shard's rows as well as by the lookups;
+    4. clips by the global norm: squares summed locally and ``psum``-ed over the table's axes only
+       (column: the same rows' other columns; row: other rows), not over the batch axes, whose
+       devices hold copies after the merge;
+    5. applies ``sparse_adam_update`` to its table shard and moment shards, in place, in a loop
+       over chunks of at most ``chunk_rows`` rows (``chunked_sparse_adam_update``), so the
+       gathered rows, moments and their new values exist for one chunk at a time.
+  The table, its moments and the gradient are never gathered. Returns (table, opt, squared norm).
+  """
+  P = jax.sharding.PartitionSpec
+  lookup_spec = P(None, specs.batch, None, None)
+  batch_axes, table_axes, row_axis = specs.batch_axes, specs.table_axes, specs.row_axis
+  adam = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+  def local(idx, wts, dys, table, mu, nu, count, lr):
+    slots = table.shape[0]
+    if row_axis is not None:  # row mode: this device's rows are [offset, offset + slots)
+      local_idx = idx - jax.lax.axis_index(row_axis) * slots
+      mine = (local_idx >= 0) & (local_idx < slots)
+      idx, wts = jnp.where(mine, local_idx, slots), jnp.where(mine, wts, 0.0)
+      slots_in = slots + 1  # row ``slots`` collects the masked lookups: padding for the update
+    else:
+      slots_in = slots
+    rows, grads = embedding_bag_row_grads(idx, wts, dys, slots_in, backend=backend)  # [N_l], [N_l, Dv_l]
+    chunk = rows.shape[0]
+    if batch_axes:
+      n_local = rows.shape[0]
+      all_rows = jax.lax.all_gather(rows, batch_axes, tiled=True)  # [N_global] ints
+      bound = min(all_rows.shape[0], slots_in + 1)  # distinct rows the global batch can read
+      chunk = -(-bound // -(-bound // chunk_rows))  # equal chunks of <= chunk_rows
+      segment, rows = distinct_rows(all_rows, slots_in, chunk)
+      mine = jax.lax.dynamic_slice_in_dim(segment, jax.lax.axis_index(batch_axes) * n_local, n_local)
+      merged = jnp.zeros((rows.shape[0], grads.shape[1]), jnp.float32).at[mine].add(grads)
+      grads = jax.lax.psum(merged, batch_axes)
+    sq = jnp.sum(jnp.square(grads))
+    if table_axes:
+      sq = jax.lax.psum(sq, table_axes)
+    norm = jnp.sqrt(sq)
+    scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30)) if clip > 0 else 1.0
+    table, new = chunked_sparse_adam_update(table, SparseAdamState(mu, nu, count), rows, grads, lr, scale,
+                                            chunk_rows=chunk, **adam)
+    return table, new.mu, new.nu, new.count, sq
+
+  table, mu, nu, count, sq = jax.shard_map(
+      local, in_specs=(lookup_spec, lookup_spec, P(None, specs.batch, None, specs.dys_last), specs.table,
+                       specs.table, specs.table, P(), P()),
+      out_specs=(specs.table, specs.table, specs.table, P(), P()), check_vma=False)(
+          idx, wts, dys, table, opt.mu, opt.nu, opt.count, lr)
+  return table, SparseAdamState(mu, nu, count), sq

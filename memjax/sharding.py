@@ -1,27 +1,38 @@
-"""Logical axis names: the only vocabulary layers use to describe how their parameters split.
+"""Logical axis names and the one mapping from them to mesh axes.
 
-Every ``nnx.Param`` in memjax carries ``logical_axes`` metadata, a tuple with one name (or None)
-per dimension. Layers never name mesh axes; the mapping from these logical names to mesh axes
-lives in this file alone.
+Every ``nnx.Param`` in memjax carries ``logical_axes`` metadata (``memjax.nn.param``), a tuple with
+one name (or None) per dimension, taken from this file. Layers never name mesh axes; the mapping
+from logical names to mesh axes (``axis_rules``) and the shard_map specs of the memory read and of
+the row-sparse update live here alone.
 
-Glossary:
+Logical axes:
+  batch        B, rows of a batch (activations)
   embed        C, the model width
-  mem_heads    H, memory heads
-  mem_halves   2, the two halves of a product key
-  mem_keys     n, sub-keys per half
-  mem_key_dim  Dk (query) or Dk/2 (sub-keys)
+  vocab        V, the vocabulary
+  heads        N, attention heads             head_dim     Dh, attention head width
+  mlp          F, FFN / expert hidden width   experts      E, MoE experts
+  mem_heads    H, memory heads                mem_halves   2, the two halves of a product key
+  mem_keys     n, sub-keys per half           mem_key_dim  Dk (query) or Dk/2 (sub-keys)
   slots        M = n*n, rows of the value table
   value_dim    Dv, columns of the value table
 
-Mesh axes: ``data`` (batch), ``fsdp`` (batch and parameters' ``embed``), ``memory`` (the value
-table: ``value_dim`` in column mode, ``slots`` in row mode).
+Mesh axes (``MESH_AXES``): ``data`` (batch), ``fsdp`` (batch and parameters' ``embed``), ``memory``
+(the value table: ``value_dim`` in column mode, ``slots`` in row mode).
 """
+
+from typing import NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+BATCH = "batch"
 EMBED = "embed"
+VOCAB = "vocab"
+HEADS = "heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+EXPERTS = "experts"
 MEM_HEADS = "mem_heads"
 MEM_HALVES = "mem_halves"
 MEM_KEYS = "mem_keys"
@@ -29,19 +40,13 @@ MEM_KEY_DIM = "mem_key_dim"
 SLOTS = "slots"
 VALUE_DIM = "value_dim"
 
-LOGICAL_AXES = (EMBED, MEM_HEADS, MEM_HALVES, MEM_KEYS, MEM_KEY_DIM, SLOTS, VALUE_DIM)
+LOGICAL_AXES = (BATCH, EMBED, VOCAB, HEADS, HEAD_DIM, MLP, EXPERTS, MEM_HEADS, MEM_HALVES, MEM_KEYS, MEM_KEY_DIM,
+                SLOTS, VALUE_DIM)
 
-
-def logical_axes_of(variable) -> tuple | None:
-  """The ``logical_axes`` metadata of an NNX variable (None if it has none)."""
-  return variable.get_metadata().get("logical_axes")
+MESH_AXES = ("data", "fsdp", "memory")
 
 
 # ----- logical -> mesh rules: the one place that names mesh axes -------------------------------
-
-MESH_AXES = ("data", "fsdp", "memory")
-BATCH = "batch"
-
 
 def axis_rules(value_sharding: str = "column") -> dict:
   """Logical axis -> mesh axis (or tuple of axes, or None = replicated).
@@ -107,27 +112,59 @@ def state_shardings(state, mesh: Mesh, rules: dict):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Inputs [B, T, ...]: batch over data x fsdp."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, PartitionSpec(axis_rules()[BATCH], *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Scalars, metrics and evaluation outputs: the same on every device."""
   return NamedSharding(mesh, PartitionSpec())
 
 
 # ----- the memory read under a mesh ---------------------------------------------------------------
 
 
-def memory_read_specs(value_sharding: str, batch_size: int, table_shape: tuple):
-  """How ``memory.read.sharded_memory_read`` splits one read over the mesh in context, or None.
+class MemoryReadSpecs(NamedTuple):
+  """How ``memory.read.sharded_memory_read`` splits one read over the mesh (``jax.shard_map``).
 
-  Returns ``(batch_spec, table_spec, out_spec, psum_axis)`` for ``jax.shard_map`` over the abstract
-  mesh set by ``jax.set_mesh`` (None when there is no mesh: the plain read is used):
-    batch_spec  the leading (token batch) dim over ``data`` x ``fsdp`` when they divide it
-    table_spec  the value table as ``axis_rules(value_sharding)`` splits it
-    out_spec    column mode: the read's Dv split over ``memory`` (no communication);
-                row mode: replicated over ``memory`` after a ``psum`` of the masked partial reads
-    psum_axis   ``memory`` in row mode (when it splits the table), else None
+  batch      the leading (token batch) dim over ``data`` x ``fsdp`` when they divide it
+  table      the value table as ``axis_rules(value_sharding)`` splits it
+  out_last   the read's Dv dim: ``memory`` in column mode (no communication), else None
+  psum_axis  ``memory`` in row mode (the masked partial reads are summed over it), else None
   """
+
+  batch: object
+  table: PartitionSpec
+  out_last: object
+  psum_axis: str | None
+
+
+class SparseUpdateSpecs(NamedTuple):
+  """How ``optim.sharded_sparse_value_update`` splits the row-sparse update, consistent with the read.
+
+  batch       the lookups' batch dim over ``data`` x ``fsdp`` (when they divide it)
+  table       the value table (and its moments) as ``axis_rules(value_sharding)`` splits it
+  dys_last    the tap cotangent's Dv dim: ``memory`` in column mode, else None
+  batch_axes  mesh axes splitting the batch: the row gradients are merged over them
+  table_axes  mesh axes splitting the table: the squared gradient norm is summed over them
+  row_axis    ``memory`` in row mode (each device keeps the lookups of the rows it owns), else None
+  """
+
+  batch: object
+  table: PartitionSpec
+  dys_last: object
+  batch_axes: tuple
+  table_axes: tuple
+  row_axis: str | None
+
+
+def axis_names(spec_entry) -> tuple:
+  """The mesh axes of one PartitionSpec entry: None -> (), "memory" -> ("memory",), a tuple as is."""
+  return () if spec_entry is None else ((spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry))
+
+
+def memory_read_specs(value_sharding: str, batch_size: int, table_shape: tuple) -> MemoryReadSpecs | None:
+  """The ``MemoryReadSpecs`` of one read under the abstract mesh set by ``jax.set_mesh``, or None
+  when there is no such mesh (the plain read is used)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
     return None
@@ -136,29 +173,18 @@ def memory_read_specs(value_sharding: str, batch_size: int, table_shape: tuple):
   table = spec_for(table_shape, (SLOTS, VALUE_DIM), rules, mesh)
   psum_axis = table[0] if table[0] is not None else None
   out_last = table[1] if len(table) > 1 else None
-  return batch, table, out_last, psum_axis
+  return MemoryReadSpecs(batch, table, out_last, psum_axis)
 
 
-def sparse_update_specs(value_sharding: str, batch_size: int, table_shape: tuple):
-  """How ``train_lib.sharded_sparse_value_update`` splits the row-sparse update, or None.
-
-  None without a mesh (``jax.set_mesh``) or on a 1-device mesh: the plain update runs. Otherwise
-  ``(batch_spec, table_spec, dys_last, batch_axes, table_axes, row_axis)``, consistent with the
-  memory read (``memory_read_specs``):
-    batch_spec  the lookups' batch dim over ``data`` x ``fsdp`` (when they divide it)
-    table_spec  the value table (and its moments) as ``axis_rules(value_sharding)`` splits it
-    dys_last    the tap cotangent's Dv dim: ``memory`` in column mode, else None
-    batch_axes  mesh axes splitting the batch: the row gradients are merged over them
-    table_axes  mesh axes splitting the table: the squared gradient norm is summed over them
-    row_axis    ``memory`` in row mode (each device keeps the lookups of the rows it owns), else None
-  """
+def sparse_update_specs(value_sharding: str, batch_size: int, table_shape: tuple) -> SparseUpdateSpecs | None:
+  """The ``SparseUpdateSpecs`` of one pool's update, or None without a mesh (``jax.set_mesh``) or on
+  a 1-device mesh: the plain update runs."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size <= 1:
     return None
   specs = memory_read_specs(value_sharding, batch_size, table_shape)
   if specs is None:
     return None
-  batch, table, out_last, row_axis = specs
-  names = lambda s: () if s is None else ((s,) if isinstance(s, str) else tuple(s))
-  table_axes = tuple(a for s in table for a in names(s))
-  return batch, table, out_last, names(batch), table_axes, row_axis
+  table_axes = tuple(a for s in specs.table for a in axis_names(s))
+  return SparseUpdateSpecs(specs.batch, specs.table, specs.out_last, axis_names(specs.batch), table_axes,
+                           specs.psum_axis)

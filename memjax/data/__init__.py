@@ -8,51 +8,43 @@
   ``make_pipeline``, the one entry point a trainer calls.
 * ``qa``: ``qa_exact_match`` by batched greedy decoding.
 
-Every bad input raises ``DataError`` (a ``ValueError``) with a one-line message naming it.
+``DataConfig`` (what a run trains on) lives with every other config in ``memjax.config`` and is
+re-exported here. Every bad input raises ``DataError`` (a ``ValueError``) with a one-line message
+naming it.
+
+Names are imported on first use (PEP 562), so ``import memjax.data`` (and building a config) does
+not import TFDS or Grain.
 """
 
-from memjax.data.config import DataConfig, default_data_dir
-from memjax.data.errors import DataError
-from memjax.data.knowledge import (ATTRIBUTES, KB_SIZES, MemjaxKnowledge, knowledge_builder_config,
-                                   make_entities, prepare_knowledge, qa_pairs)
-from memjax.data.local_text import (SUPPORTED_SUFFIXES, VALIDATION_FRACTION, MemjaxLocalText,
-                                    local_text_builder_config, prepare_local_text)
-from memjax.data.pipeline import BATCH_KEYS, Pipeline, batch_dataset, document_chunks, make_pipeline, prepare_data
-from memjax.data.qa import QAItem, answer_matches, load_qa_items, normalize_answer, qa_exact_match, read_qa_jsonl
-from memjax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer,
-                                    train_bpe)
+import importlib
 
-__all__ = [
-    "ATTRIBUTES",
-    "BATCH_KEYS",
-    "ByteTokenizer",
-    "DataConfig",
-    "DataError",
-    "KB_SIZES",
-    "MemjaxKnowledge",
-    "MemjaxLocalText",
-    "Pipeline",
-    "QAItem",
-    "SUPPORTED_SUFFIXES",
-    "SentencePieceTokenizer",
-    "Tokenizer",
-    "VALIDATION_FRACTION",
-    "answer_matches",
-    "batch_dataset",
-    "default_data_dir",
-    "document_chunks",
-    "knowledge_builder_config",
-    "load_qa_items",
-    "load_tokenizer",
-    "local_text_builder_config",
-    "make_entities",
-    "make_pipeline",
-    "normalize_answer",
-    "prepare_data",
-    "prepare_knowledge",
-    "prepare_local_text",
-    "qa_exact_match",
-    "qa_pairs",
-    "read_qa_jsonl",
-    "train_bpe",
-]
+_EXPORTS = {
+    "memjax.config": ("DataConfig", "KB_SIZES", "VALIDATION_FRACTION", "default_data_dir"),
+    "memjax.data.errors": ("DataError",),
+    "memjax.data.knowledge": ("ATTRIBUTES", "MemjaxKnowledge", "knowledge_builder_config", "make_entities",
+                              "prepare_knowledge", "qa_pairs"),
+    "memjax.data.local_text": ("SUPPORTED_SUFFIXES", "MemjaxLocalText", "local_text_builder_config",
+                               "prepare_local_text"),
+    "memjax.data.pipeline": ("BATCH_KEYS", "Pipeline", "batch_dataset", "document_chunks", "make_pipeline",
+                             "prepare_data"),
+    "memjax.data.qa": ("QAItem", "answer_matches", "load_qa_items", "normalize_answer", "qa_exact_match",
+                       "read_qa_jsonl"),
+    "memjax.data.tokenizers": ("ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer",
+                               "train_bpe"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+  module = _MODULE_OF.get(name)
+  if module is None:
+    raise AttributeError(f"module 'memjax.data' has no attribute {name!r}")
+  value = getattr(importlib.import_module(module), name)
+  globals()[name] = value  # later lookups skip __getattr__
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

@@ -54,6 +54,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from memjax.data._tfds import code_path_of, quiet_prepare
+from memjax.config import KB_SIZES
 from memjax.data.errors import DataError
 
 # ----- the world's vocabulary ----------------------------------------------------------------
@@ -155,14 +156,6 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
 NUM_TEMPLATES = 4
 assert all(len(a.templates) == NUM_TEMPLATES for a in ATTRIBUTES)
-
-# Sizes by config name: (entities E, train biographies per entity).
-KB_SIZES: dict[str, tuple[int, int]] = {
-    "tiny": (20, 4),
-    "small": (200, 4),
-    "medium": (5_000, 4),
-    "large": (100_000, 4),
-}
 
 # Independent random streams of one seed.
 _STREAM_NAMES, _STREAM_FACTS, _STREAM_TRAIN, _STREAM_VALIDATION = 1, 2, 3, 4

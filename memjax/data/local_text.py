@@ -41,18 +41,17 @@ from __future__ import annotations
 import dataclasses
 import glob as glob_lib
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from memjax.config import VALIDATION_FRACTION
 from memjax.data._tfds import code_path_of, quiet_prepare
-from memjax.data.errors import DataError
+from memjax.data.errors import DataError, jsonl_objects
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
-VALIDATION_FRACTION = 0.05
 _MAX_LISTED_SKIPS = 20
 
 log = logging.getLogger(__name__)
@@ -133,20 +132,11 @@ def iter_documents(path: str, root: str, stats: ScanStats | None = None) -> Iter
     else:
       stats.empty += 1
     return
-  for lineno, raw in enumerate(blob.split(b"\n"), 1):
-    try:
-      line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError:
-      stats.skip(f"{rel}:{lineno}")
-      continue
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except ValueError as err:
-      raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-      raise DataError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+  expected = 'a JSON object with a string "text" field'
+  for lineno, record in jsonl_objects(blob, path, on_undecodable=lambda n: stats.skip(f"{rel}:{n}"),
+                                      expected=expected):
+    if not isinstance(record.get("text"), str):
+      raise DataError(f"{path}:{lineno}: expected {expected}")
     if record["text"].strip():
       yield f"{rel}#L{lineno}", record["text"]
     else:

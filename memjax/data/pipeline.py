@@ -51,12 +51,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from memjax.data.config import DataConfig
+from memjax.config import DataConfig
 from memjax.data.errors import DataError
 from memjax.data.qa import QAItem, load_qa_items, read_qa_jsonl
 from memjax.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
+                "positions": np.int32}
 
 
 # ----- pure pieces ---------------------------------------------------------------------------
@@ -272,31 +274,39 @@ def tokenizer_for(config: DataConfig, builder) -> tuple[Tokenizer, str | None]:
 
 
 def make_pipeline(
+    config: DataConfig | None = None,
     *,
     seq_len: int,
     batch_size: int,
-    kb: str = "small",
-    kb_seed: int = 0,
-    text_glob: str | None = None,
-    validation_fraction: float = 0.05,
-    tokenizer: str = "byte",
-    bpe_vocab_size: int = 1024,
-    data_dir: str | os.PathLike | None = None,
-    seed: int = 0,
     qa_jsonl: str | os.PathLike | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     num_packing_bins: int | None = None,
+    **fields: Any,
 ) -> Pipeline:
   """Prepares the data (once), the tokenizer and the iterators a training run needs.
 
-  The keyword arguments from ``kb`` to ``seed`` are ``DataConfig``'s fields (validated by it);
-  ``batch_size`` is per process; ``qa_jsonl`` is ``eval.qa_jsonl``; ``process_index`` /
-  ``process_count`` default to JAX's. See the module doc for the batch contract.
+  Args:
+    config: the run's ``DataConfig`` (``cfg.data``); ``None`` means ``DataConfig()``.
+    seq_len, batch_size: ``T`` and ``B``; ``batch_size`` is per process.
+    qa_jsonl: ``eval.qa_jsonl``, a QA file replacing the knowledge base's ``qa`` split.
+    process_index, process_count: this process's shard; default JAX's.
+    num_packing_bins: rows packed at a time (see ``batch_dataset``).
+    **fields: ``DataConfig`` fields replacing those of ``config``, e.g.
+      ``make_pipeline(seq_len=128, batch_size=16, kb="small", tokenizer="bpe")``.
+
+  See the module doc for the batch contract.
   """
-  config = DataConfig(kb=kb, kb_seed=kb_seed, text_glob=text_glob, validation_fraction=validation_fraction,
-                      tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size,
-                      data_dir=None if data_dir is None else os.fspath(data_dir), seed=seed)
+  config = DataConfig() if config is None else config
+  if not isinstance(config, DataConfig):
+    raise DataError(f"config={config!r} must be a DataConfig (or None)")
+  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(DataConfig)})
+  if unknown:
+    raise DataError(f"make_pipeline got {unknown[0]}=..., which is not a DataConfig field; allowed: "
+                    f"{[f.name for f in dataclasses.fields(DataConfig)]}")
+  if fields.get("data_dir") is not None:
+    fields["data_dir"] = os.fspath(fields["data_dir"])
+  config = dataclasses.replace(config, **fields)
   _check_positive("seq_len", seq_len)
   _check_positive("batch_size", batch_size)
   process_index, process_count = resolve_process(process_index, process_count)
@@ -316,7 +326,7 @@ def make_pipeline(
         return iter(batch_dataset(val_source, tok, shuffle=False, num_epochs=1, **common))
 
   if qa_items is None:
-    qa_items = load_qa_items(config.resolved_data_dir, config.kb, config.kb_seed) if text_glob is None else []
+    qa_items = load_qa_items(config.resolved_data_dir, config.kb, config.kb_seed) if config.text_glob is None else []
 
   metadata: dict[str, Any] = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
   metadata.update(dict(builder.info.metadata or {}))

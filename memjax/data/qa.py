@@ -32,14 +32,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from memjax.data.errors import DataError
+from memjax.data.errors import DataError, jsonl_objects
 from memjax.data.tokenizers import Tokenizer
 
 
@@ -80,24 +79,11 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[QAItem]:
   path = os.fspath(path)
   try:
     with open(path, "rb") as f:
-      lines = f.read().split(b"\n")
+      blob = f.read()
   except OSError as err:
     raise DataError(f"cannot read QA file {path!r}: {err.strerror}") from None
   items = []
-  for lineno, raw in enumerate(lines, 1):
-    try:
-      line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError:
-      raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except ValueError as err:
-      raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-      raise DataError(f'{path}:{lineno}: expected a JSON object with "prompt" and "answer", got '
-                      f"{type(record).__name__}")
+  for lineno, record in jsonl_objects(blob, path, expected='a JSON object with "prompt" and "answer"'):
     for key in ("prompt", "answer"):
       if not isinstance(record.get(key), str):
         raise DataError(f'{path}:{lineno}: field "{key}" must be a string, got {record.get(key)!r}')
@@ -112,7 +98,7 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[QAItem]:
 
 def load_qa_items(data_dir: str | os.PathLike | None = None, kb: str = "small", kb_seed: int = 0) -> list[QAItem]:
   """Every fact of a knowledge base once, from its ``qa`` split (building it if needed)."""
-  from memjax.data.config import default_data_dir
+  from memjax.config import default_data_dir
   from memjax.data.knowledge import prepare_knowledge
 
   builder = prepare_knowledge(data_dir if data_dir is not None else default_data_dir(), kb, kb_seed)

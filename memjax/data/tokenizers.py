@@ -41,6 +41,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from memjax.config import MIN_BPE_VOCAB
 from memjax.data.errors import DataError
 
 PAD_ID = 0
@@ -48,9 +49,6 @@ EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3  # SentencePiece only
 
-TOKENIZERS = ("byte", "bpe")
-# Byte fallback needs 256 byte pieces + 4 specials + "\n", "\t"; leave room for some merges.
-MIN_BPE_VOCAB = 320
 
 
 @runtime_checkable

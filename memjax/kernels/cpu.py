@@ -11,8 +11,8 @@ of the source, compiler, flags, jaxlib version and CPU, so it is built once per 
 ahead of time with ``python -c "import memjax.kernels.cpu as c; c.main()"``.
 
 If no compiler is found or the build fails, a ``RuntimeWarning`` says why once, and the backend runs
-the pure-XLA formulations below (``xla_loop``: a loop over the bag dimension for the forward and the
-weight gradient, a sort + segment sum for the value gradient). ``MEMJAX_CPU_FFI=0`` selects that path
+the pure-XLA formulations of ``xla.py`` (``xla_loop``: a loop over the bag dimension for the forward
+and the weight gradient, the sort + segment sum for the value gradient). ``MEMJAX_CPU_FFI=0`` selects that path
 without a warning.
 """
 
@@ -32,9 +32,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from memjax.kernels import segments
+from memjax.kernels import xla
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_ffi.cc")
 # FFI target name -> symbol in the library.
@@ -196,70 +195,25 @@ def _ffi_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
   return rows, grads
 
 
-# ----- the pure-XLA formulations (backend ``xla_loop``, and the fallback of ``cpu``) ---------------------
-
-
-def loop_forward(values, idx_BxL, w_BxL):
-  """out = sum_l w[:, l] * values[idx[:, l]], one gather of B rows per step: no [B, L, Dv] buffer."""
-  b, d = idx_BxL.shape[0], values.shape[1]
-  w_LxB = w_BxL.astype(jnp.float32).T
-
-  def step(l, acc_BxD):
-    rows_BxD = jnp.take(values, idx_BxL[:, l], axis=0).astype(jnp.float32)
-    return acc_BxD + w_LxB[l][:, None] * rows_BxD
-
-  return lax.fori_loop(0, idx_BxL.shape[1], step, jnp.zeros((b, d), jnp.float32))
-
-
-def loop_weight_grad(values, idx_BxL, dout_BxD):
-  dout_BxD = dout_BxD.astype(jnp.float32)
-
-  def step(carry, idx_B):
-    return carry, jnp.einsum("bd,bd->b", dout_BxD, jnp.take(values, idx_B, axis=0).astype(jnp.float32))
-
-  _, dw_LxB = lax.scan(step, None, idx_BxL.T)
-  return dw_LxB.T
-
-
-def sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
-  """(rows [N], grads [N, Dv]) by a stable sort of the lookups and a sorted segment sum."""
-  bag, n = idx_BxL.shape[1], idx_BxL.size
-  order_N, rows_N = segments.sort_lookups(idx_BxL.reshape(-1).astype(jnp.int32))
-  run_start_N, _, run_rows_N = segments.run_layout(rows_N, num_slots)
-  run_id_N = jnp.cumsum(run_start_N.astype(jnp.int32)) - 1
-  contrib_NxD = (w_BxL.reshape(-1)[order_N].astype(jnp.float32)[:, None]
-                 * jnp.take(dout_BxD.astype(jnp.float32), order_N // bag, axis=0))
-  grads = jax.ops.segment_sum(contrib_NxD, run_id_N, num_segments=n, indices_are_sorted=True)
-  return run_rows_N, grads
-
-
-def loop_backward(values, idx_BxL, w_BxL, dout_BxD):
-  dw = loop_weight_grad(values, idx_BxL, dout_BxD)
-  rows, grads = sorted_row_grads(idx_BxL, w_BxL, dout_BxD, values.shape[0])
-  dv = jnp.zeros(values.shape, values.dtype).at[rows].set(grads.astype(values.dtype), mode="drop",
-                                                          unique_indices=True)
-  return dv, dw
-
-
 # ----- the backend --------------------------------------------------------------------------------------
 
 
 def forward(values, idx_BxL, w_BxL):
   if ffi_status()[0]:
     return _ffi_forward(values, idx_BxL, w_BxL)
-  return loop_forward(values, idx_BxL, w_BxL)
+  return xla.loop_forward(values, idx_BxL, w_BxL)
 
 
 def backward(values, idx_BxL, w_BxL, dout_BxD):
   if ffi_status()[0]:
     return _ffi_backward(values, idx_BxL, w_BxL, dout_BxD)
-  return loop_backward(values, idx_BxL, w_BxL, dout_BxD)
+  return xla.loop_backward(values, idx_BxL, w_BxL, dout_BxD)
 
 
 def row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
   if ffi_status()[0] and num_slots < 2**31:
     return _ffi_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
-  return sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
+  return xla.sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
 
 
 def main(argv=None) -> int:

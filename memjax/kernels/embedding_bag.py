@@ -11,7 +11,8 @@ Gradients (memory-layers.md §4):
   d_values[r]     = sum_{(b, l): indices[b, l] = r} weights[b, l] * d_out[b]   scatter-add
 
 ``embedding_bag`` is a ``jax.custom_vjp`` whose forward and backward are chosen by ``backend``.
-Backends register an ``EmbeddingBagBackend`` in ``BACKENDS``; ``xla`` is the plain-jnp reference.
+Backends register an ``EmbeddingBagBackend`` in ``BACKENDS``; ``xla`` is the plain-jnp reference
+(``xla.py`` holds both XLA backends and the one sort + segment sum the value gradients share).
 The output dtype is ``jnp.result_type(values, weights)``; accumulation is always fp32.
 
 Backends (each value gradient is atomic-free and deterministic: lookups sorted by row, each row sums
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memjax.kernels import cpu, pallas_gpu, pallas_tpu
+from memjax.kernels import cpu, pallas_gpu, pallas_tpu, xla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class EmbeddingBagBackend:
   ``backward(values, indices, weights, d_out [B, Dv]) -> (d_values [M, Dv], d_weights [B, L])``.
   Optional:
   ``row_grads(indices, weights, d_out, num_slots) -> (rows [N], grads [N, Dv])``, the contract of
-  ``embedding_bag_row_grads`` (None: the sort + segment-sum XLA version);
+  ``embedding_bag_row_grads`` (None: ``xla.sorted_row_grads``);
   ``check(values, indices, weights, block_sizes)`` raises ValueError naming what the backend cannot
   take (``auto`` then moves on to the next backend);
   ``block_sizes``: when the caller passes ``block_sizes``, it reaches forward, backward and row_grads
@@ -56,26 +57,8 @@ class EmbeddingBagBackend:
 
   forward: Callable
   backward: Callable
-  platforms: tuple[str, ...] = ("cpu", "gpu", "tpu")
   row_grads: Callable | None = None
   check: Callable | None = None
-
-
-# ----- the xla reference backend ----------------------------------------------------------------
-
-
-def _xla_forward(values_MxD, idx_BxL, w_BxL):
-  rows_BxLxD = jnp.take(values_MxD, idx_BxL, axis=0)
-  return jnp.einsum("bl,bld->bd", w_BxL.astype(jnp.float32), rows_BxLxD.astype(jnp.float32))
-
-
-def _xla_backward(values_MxD, idx_BxL, w_BxL, dout_BxD):
-  dout_BxD = dout_BxD.astype(jnp.float32)
-  rows_BxLxD = jnp.take(values_MxD, idx_BxL, axis=0).astype(jnp.float32)
-  dw_BxL = jnp.einsum("bd,bld->bl", dout_BxD, rows_BxLxD)
-  contrib_BxLxD = w_BxL.astype(jnp.float32)[:, :, None] * dout_BxD[:, None, :]
-  dv_MxD = jnp.zeros(values_MxD.shape, jnp.float32).at[idx_BxL].add(contrib_BxLxD)
-  return dv_MxD, dw_BxL
 
 
 def _no_block_sizes(name):
@@ -87,23 +70,20 @@ def _no_block_sizes(name):
 
 
 BACKENDS: dict[str, EmbeddingBagBackend] = {
-    "xla": EmbeddingBagBackend(_xla_forward, _xla_backward, check=_no_block_sizes("xla")),
-    "xla_loop": EmbeddingBagBackend(cpu.loop_forward, cpu.loop_backward, row_grads=cpu.sorted_row_grads,
+    "xla": EmbeddingBagBackend(xla.forward, xla.backward, check=_no_block_sizes("xla")),
+    "xla_loop": EmbeddingBagBackend(xla.loop_forward, xla.loop_backward, row_grads=xla.sorted_row_grads,
                                     check=_no_block_sizes("xla_loop")),
-    "cpu": EmbeddingBagBackend(cpu.forward, cpu.backward, platforms=("cpu",), row_grads=cpu.row_grads,
-                               check=cpu.check),
+    "cpu": EmbeddingBagBackend(cpu.forward, cpu.backward, row_grads=cpu.row_grads, check=cpu.check),
 }
 for _interpret, _suffix in ((False, ""), (True, "_interpret")):
   BACKENDS["pallas_gpu" + _suffix] = EmbeddingBagBackend(
       functools.partial(pallas_gpu.forward, interpret=_interpret),
       functools.partial(pallas_gpu.backward, interpret=_interpret),
-      platforms=("gpu",) if not _interpret else ("cpu", "gpu", "tpu"),
       row_grads=functools.partial(pallas_gpu.row_grads, interpret=_interpret),
       check=pallas_gpu.check)
   BACKENDS["pallas_tpu" + _suffix] = EmbeddingBagBackend(
       functools.partial(pallas_tpu.forward, interpret=_interpret),
       functools.partial(pallas_tpu.backward, interpret=_interpret),
-      platforms=("tpu",) if not _interpret else ("cpu", "gpu", "tpu"),
       row_grads=functools.partial(pallas_tpu.row_grads, interpret=_interpret),
       check=pallas_tpu.check)
 
@@ -289,19 +269,6 @@ def embedding_bag(values, indices, weights, *, backend: str = "auto", block_size
 _ROW_GRAD_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _xla_row_grads(idx_N, w_N, dout_NxD, num_slots):
-  # Sort the lookups by row, then sum each run of equal rows: deterministic, no [M, Dv] buffer.
-  order = jnp.argsort(idx_N, stable=True)
-  idx_sorted = idx_N[order]
-  contrib = w_N[order].astype(jnp.float32)[:, None] * dout_NxD[order].astype(jnp.float32)  # [N, Dv]
-  n = idx_N.shape[0]
-  starts = jnp.concatenate([jnp.ones((1,), bool), idx_sorted[1:] != idx_sorted[:-1]])
-  segment = jnp.cumsum(starts.astype(jnp.int32)) - 1  # run number of each sorted lookup
-  grads = jax.ops.segment_sum(contrib, segment, num_segments=n, indices_are_sorted=True)
-  rows = jnp.full((n,), num_slots, jnp.int32).at[segment].set(idx_sorted.astype(jnp.int32))
-  return rows, grads
-
-
 def embedding_bag_row_grads(indices, weights, d_out, num_slots: int, *, backend: str = "auto",
                             block_sizes=None):
   """The value gradient of ``embedding_bag`` as (rows, row gradients), never as a [M, Dv] array.
@@ -340,9 +307,7 @@ def embedding_bag_row_grads(indices, weights, d_out, num_slots: int, *, backend:
   table = jax.ShapeDtypeStruct((num_slots, d), d_out.dtype if d_out.dtype in _ROW_GRAD_DTYPES else jnp.float32)
   name = _select(backend, table, idx_BxL, w_BxL, block_sizes)
   if BACKENDS[name].row_grads is None:
-    idx_N = idx_BxL.reshape(-1)
-    dout_NxD = jnp.broadcast_to(dout_BxD[:, None, :], (idx_BxL.shape[0], bag, d)).reshape(-1, d)
-    return _xla_row_grads(idx_N, w_BxL.reshape(-1), dout_NxD, num_slots)
+    return xla.sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
   return BACKENDS[name].row_grads(idx_BxL, w_BxL, dout_BxD, num_slots, **_kw(block_sizes))
 
 

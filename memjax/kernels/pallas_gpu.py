@@ -10,8 +10,8 @@ Kernels (all accumulate in fp32; each program owns one output block, so no atomi
   segment sum    grid (S, Dv / block_d): sums w[n] * d_out[n // L] over the sorted lookups
                  offsets[s] .. offsets[s + 1] in chunks of block_n (the "reverse indices" backward).
                  Dense d_values: S = M, offsets = CSR row offsets, untouched rows get zeros.
-                 Row-sparse gradients: S = N, offsets = run starts (segments.py).
-The sort of the lookups by row (segments.py) is a stable XLA argsort.
+                 Row-sparse gradients: S = N, offsets = run starts (``xla.py``).
+The sort of the lookups by row (``xla.py``) is a stable XLA argsort.
 
 ``interpret=True`` runs the same kernels in Pallas interpret mode (any platform; tests on CPU).
 The Triton backend is chosen by passing ``jax.experimental.pallas.triton.CompilerParams``, which the
@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from memjax.kernels import segments
+from memjax.kernels import xla
 
 SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -209,16 +209,16 @@ def backward(values, idx_BxL, w_BxL, dout_BxD, *, block_sizes=None, interpret=Fa
   bs = _resolve(block_sizes, idx_BxL.shape[1], values.shape[1])
   m, bag = values.shape[0], idx_BxL.shape[1]
   dw = _weight_grad_call(values, idx_BxL, dout_BxD, bs, interpret)
-  order_N, rows_N = segments.sort_lookups(jnp.clip(idx_BxL.reshape(-1), 0, m - 1))
-  offsets = segments.row_offsets(rows_N, m)
+  order_N, rows_N = xla.sort_lookups(jnp.clip(idx_BxL.reshape(-1), 0, m - 1))
+  offsets = xla.row_offsets(rows_N, m)
   dv = _segment_sum_call(offsets, order_N, w_BxL.reshape(-1), dout_BxD, bag, values.dtype, bs, interpret)
   return dv, dw
 
 
 def row_grads(idx_BxL, w_BxL, dout_BxD, num_slots, *, block_sizes=None, interpret=False):
   bs = _resolve(block_sizes, idx_BxL.shape[1], dout_BxD.shape[1])
-  order_N, rows_N = segments.sort_lookups(idx_BxL.reshape(-1))
-  _, run_off_U1, run_rows_U = segments.run_layout(rows_N, num_slots)
+  order_N, rows_N = xla.sort_lookups(idx_BxL.reshape(-1))
+  _, run_off_U1, run_rows_U = xla.run_layout(rows_N, num_slots)
   grads = _segment_sum_call(run_off_U1, order_N, w_BxL.reshape(-1), dout_BxD, idx_BxL.shape[1],
                             jnp.float32, bs, interpret)
   return run_rows_U, grads

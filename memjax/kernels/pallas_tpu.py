@@ -14,7 +14,7 @@ Kernels (fp32 accumulation; no atomics):
                  bag axis, accumulating in an fp32 scratch.
   weight grad    grid (B, L / K, Dv / block_d): dw[b] (one [1, L] block) stays resident; each step
                  adds K partial dots <values[row], d_out[b]> over one column block.
-  segment scan   grid (Dv / block_d, N / K) over the lookups sorted by row (segments.py): operand j
+  segment scan   grid (Dv / block_d, N / K) over the lookups sorted by row (``xla.py``): operand j
                  gathers d_out[bag of sorted lookup n K + j]; a running sum that restarts at each
                  new row is written for every sorted lookup; the last entry of each run is that row's
                  gradient. Dense d_values scatter those unique rows into zeros (XLA).
@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from memjax.kernels import segments
+from memjax.kernels import xla
 
 SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _LANES = 128
@@ -245,8 +245,8 @@ def _chunks(total: int, size: int):
 def _run_grads(idx_BxL, w_BxL, dout_BxD, num_slots, bs: BlockSizes, interpret: bool):
   """(run_rows [N], grads [N, Dv] fp32) by the segment scan over lookups sorted by row."""
   bag, n, d = idx_BxL.shape[1], idx_BxL.size, dout_BxD.shape[1]
-  order_N, rows_N = segments.sort_lookups(idx_BxL.reshape(-1))
-  run_start_N, run_off_U1, run_rows_U = segments.run_layout(rows_N, num_slots)
+  order_N, rows_N = xla.sort_lookups(idx_BxL.reshape(-1))
+  run_start_N, run_off_U1, run_rows_U = xla.run_layout(rows_N, num_slots)
   bag_N = order_N // bag
   w_N = w_BxL.reshape(-1).astype(jnp.float32)[order_N]
   start_N = run_start_N.astype(jnp.int32)

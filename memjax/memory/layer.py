@@ -31,6 +31,7 @@ from flax import nnx
 from memjax import sharding as ax
 from memjax.config import MemoryConfig
 from memjax.memory.read import qk_normalize, sharded_memory_read
+from memjax.nn import normal_param, param
 
 
 class MemoryOutput(NamedTuple):
@@ -39,10 +40,6 @@ class MemoryOutput(NamedTuple):
   out: jax.Array  # [..., C]
   indices: jax.Array  # [..., H, k] int32
   weights: jax.Array  # [..., H, k] fp32
-
-
-def _param(value, *axes):
-  return nnx.Param(value, logical_axes=tuple(axes))
 
 
 class MemoryValue(nnx.Param):
@@ -65,7 +62,7 @@ class ValueTable(nnx.Module):
     std = config.value_init_std if config.value_init_std is not None else config.value_dim**-0.5
     shape = (config.num_slots, config.value_dim)
     table = jax.random.normal(rngs.params(), shape, jnp.float32) * std
-    self.values = MemoryValue(table.astype(config.jnp_value_dtype), logical_axes=(ax.SLOTS, ax.VALUE_DIM))
+    self.values = param(table.astype(config.jnp_value_dtype), ax.SLOTS, ax.VALUE_DIM, kind=MemoryValue)
 
 
 class ProductKeyMemory(nnx.Module):
@@ -106,23 +103,23 @@ class ProductKeyMemory(nnx.Module):
 
     # 1. query projection (Xavier-uniform over fan_in C, fan_out H*Dk) and its bias.
     limit = (6.0 / (c + h * dk)) ** 0.5
-    self.query = _param(jax.random.uniform(rngs.params(), (c, h, dk), jnp.float32, -limit, limit),
+    self.query = param(jax.random.uniform(rngs.params(), (c, h, dk), jnp.float32, -limit, limit),
                         ax.EMBED, ax.MEM_HEADS, ax.MEM_KEY_DIM)
-    self.query_bias = _param(jnp.zeros((h, dk), jnp.float32), ax.MEM_HEADS, ax.MEM_KEY_DIM)
+    self.query_bias = param(jnp.zeros((h, dk), jnp.float32), ax.MEM_HEADS, ax.MEM_KEY_DIM)
     # 2. sub-keys U(+-a), a = 1/sqrt(Dk) by default.
     a = config.key_init_scale if config.key_init_scale is not None else dk**-0.5
-    self.keys = _param(jax.random.uniform(rngs.params(), (h, 2, n, dk // 2), jnp.float32, -a, a),
+    self.keys = param(jax.random.uniform(rngs.params(), (h, 2, n, dk // 2), jnp.float32, -a, a),
                        ax.MEM_HEADS, ax.MEM_HALVES, ax.MEM_KEYS, ax.MEM_KEY_DIM)
     # 3. the value pool: shared if given.
     self.values = values if values is not None else ValueTable(config, rngs=rngs)
     if config.qk_norm:
-      self.query_gain = _param(jnp.ones((h, dk), jnp.float32), ax.MEM_HEADS, ax.MEM_KEY_DIM)
-      self.key_gain = _param(jnp.ones((h, 2, dk // 2), jnp.float32),
+      self.query_gain = param(jnp.ones((h, dk), jnp.float32), ax.MEM_HEADS, ax.MEM_KEY_DIM)
+      self.key_gain = param(jnp.ones((h, 2, dk // 2), jnp.float32),
                              ax.MEM_HEADS, ax.MEM_HALVES, ax.MEM_KEY_DIM)
     # 4. output: Memory+ gating, or a projection when widths differ.
     def normal(fan_in, shape, *axes):
-      std = config.out_init_std if config.out_init_std is not None else fan_in**-0.5
-      return _param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, *axes)
+      return normal_param(rngs, shape, config.out_init_std if config.out_init_std is not None else fan_in**-0.5,
+                          *axes)
 
     if config.swilu:
       self.w1 = normal(c, (c, dv), ax.EMBED, ax.VALUE_DIM)
@@ -132,7 +129,7 @@ class ProductKeyMemory(nnx.Module):
     # 5. scalar sigmoid gate.
     if config.gated:
       self.gate_w = normal(c, (c,), ax.EMBED)
-      self.gate_b = _param(jnp.zeros((), jnp.float32))
+      self.gate_b = param(jnp.zeros((), jnp.float32))
 
   def queries(self, x):
     """Steps 1-2: [..., C] -> (query [..., H, Dk], keys [H, 2, n, Dk/2]) as the read sees them."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from memjax import sharding
 from memjax.kernels.embedding_bag import embedding_bag
 from memjax.memory.product_keys import product_key_topk
+from memjax.nn import rms_norm
 
 
 class MemoryReadout(NamedTuple):
@@ -23,16 +24,6 @@ class MemoryReadout(NamedTuple):
   out: jax.Array  # [..., Dv], dtype of the bag output
   indices: jax.Array  # [..., H, k] int32 slots
   weights: jax.Array  # [..., H, k] fp32 per-head softmax weights
-
-
-def rms_normalize(x, gain=None, *, eps: float = 1e-6):
-  """x / rms(x) over the last axis (fp32), optionally times a learned ``gain`` broadcast on it."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  if gain is not None:
-    gain = gain.astype(jnp.float32)
-    y = y * gain.reshape((1,) * (y.ndim - gain.ndim) + gain.shape)  # explicit broadcast over leading axes
-  return y
 
 
 def qk_normalize(query_xHxK, keys_Hx2xNxK2, query_gain_HxK=None, key_gain_Hx2xK2=None):
@@ -44,9 +35,9 @@ def qk_normalize(query_xHxK, keys_Hx2xNxK2, query_gain_HxK=None, key_gain_Hx2xK2
   half = keys_Hx2xNxK2.shape[-1]
   q = query_xHxK.reshape(*query_xHxK.shape[:-1], 2, half)  # [..., H, 2, Dk/2]
   g = None if query_gain_HxK is None else query_gain_HxK.reshape(*query_gain_HxK.shape[:-1], 2, half)
-  q = rms_normalize(q, g) * (half**-0.5)
+  q = rms_norm(q, g, dtype=jnp.float32) * (half**-0.5)
   k_gain = None if key_gain_Hx2xK2 is None else key_gain_Hx2xK2[:, :, None, :]
-  keys = rms_normalize(keys_Hx2xNxK2, k_gain)
+  keys = rms_norm(keys_Hx2xNxK2, k_gain, dtype=jnp.float32)
   return q.reshape(query_xHxK.shape), keys
 
 
@@ -109,11 +100,11 @@ def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
   specs = sharding.memory_read_specs(value_sharding, lead[0] if lead else 1, values.shape) if lead else None
   if specs is None:
     return memory_read(query, keys, values, k=k, backend=backend)
-  batch, table_spec, out_last, psum_axis = specs
+  batch, table_spec, out_last, psum_axis = specs.batch, specs.table, specs.out_last, specs.psum_axis
   P = jax.sharding.PartitionSpec
   rest = (None,) * (len(lead) - 1)
-  batch_axes = () if batch is None else ((batch,) if isinstance(batch, str) else tuple(batch))
-  table_axes = tuple(a for a in table_spec if a is not None)
+  batch_axes = sharding.axis_names(batch)
+  table_axes = tuple(a for s in table_spec for a in sharding.axis_names(s))
 
   def local(q, kk, v):
     v = _varying(v, batch_axes)  # the table is the same on every data shard: its gradient sums

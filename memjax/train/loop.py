@@ -30,30 +30,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from memjax import sharding
-from memjax.checkpoint import Checkpointer, abstract_with_shardings, export_params
-from memjax.config import ConfigError
-from memjax.metrics import memory_usage
-from memjax.run_config import Config, config_to_dict, shape_mismatch
-from memjax.train_lib import BATCH_KEYS, make_step_fns, state_shardings
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot continue (non-finite loss, mismatched workdir, failed save); one-line message."""
-
-
-class Interrupted(Exception):
-  """Raised after a checkpoint was saved because of SIGTERM / SIGINT; ``code`` is 128 + signal."""
-
-  def __init__(self, signum: int, step: int):
-    super().__init__(f"received {signal.Signals(signum).name} at step {step}: checkpoint saved; "
-                     "re-run the same command to resume")
-    self.code = 128 + signum
-    self.step = step
+from memjax.config import Config, ConfigError
+from memjax.config_bridge import config_to_dict
+from memjax.train.checkpoint import Checkpointer, export_params, restore_latest_good
+from memjax.train.errors import Interrupted, TrainingError
+from memjax.train.evaluate import evaluate, global_batch
+from memjax.train.step import jit_steps, make_step_fns, with_shardings
 
 
 def check_workdir(workdir: str) -> None:
@@ -65,7 +50,7 @@ def check_workdir(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise ConfigError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
+    raise ConfigError("--workdir", "", workdir, f"is not writable: {e.strerror or e}") from None
 
 
 def truncate_log(path: str, step: int, *, drop_final_eval: bool = False) -> int:
@@ -136,71 +121,11 @@ class _Logger:
 
 @dataclasses.dataclass
 class RunResult:
+  """What ``run`` returns: the step reached, the last metrics (training and evaluation), the workdir."""
+
   step: int
   metrics: dict
   workdir: str
-
-
-def _global_batch(batch: dict, batch_sh: NamedSharding, global_batch: int) -> dict:
-  out = {}
-  for key in BATCH_KEYS:
-    local = np.asarray(batch[key])
-    out[key] = jax.make_array_from_process_local_data(batch_sh, local, (global_batch, *local.shape[1:]))
-  return out
-
-
-def evaluate(cfg: Config, fns, eval_fn, logits_fn, state, pipe, batch_sh) -> dict:
-  """Validation loss, memory usage over the validation lookups, and QA exact match."""
-  out: dict[str, Any] = {}
-  lookups_by_pool: dict[str, list] = {}
-  if pipe.validation is not None and cfg.eval.eval_batches > 0:
-    it = pipe.validation()
-    total, count = 0.0, 0.0
-    for _ in range(cfg.eval.eval_batches):
-      try:
-        batch = next(it)
-      except StopIteration:
-        break
-      metrics = eval_fn(state, _global_batch(batch, batch_sh, cfg.train.batch_size))
-      n = float(metrics["tokens"])
-      total += float(metrics["ce"]) * n
-      count += n
-      for path, readers in fns.pools:
-        key = "/".join(map(str, path))
-        for j in readers:
-          idx, w = metrics["lookups"][j]
-          lookups_by_pool.setdefault(key, []).append((np.asarray(idx), np.asarray(w)))
-    if count:
-      out["val_loss"] = total / count
-  num_slots = cfg.model.memory.layer.num_slots
-  for key, pairs in lookups_by_pool.items():
-    idx = np.concatenate([p[0].reshape(-1) for p in pairs])
-    w = np.concatenate([p[1].reshape(-1) for p in pairs])
-    usage = memory_usage(jnp.asarray(idx), jnp.asarray(w), num_slots)
-    prefix = "" if len(lookups_by_pool) == 1 else key + "/"
-    out.update({prefix + k: float(v) for k, v in usage.items()})
-  items = list(pipe.qa_items)
-  if items and (cfg.eval.qa_from_kb or cfg.eval.qa_jsonl):
-    from memjax.data.qa import qa_exact_match
-    items = items[:cfg.eval.qa_max_items]
-    result = qa_exact_match(lambda tokens: logits_fn(state, tokens), items, pipe.tokenizer,
-                            batch_size=cfg.eval.qa_batch_size,
-                            max_answer_tokens=cfg.eval.qa_max_answer_tokens or None,
-                            seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len)
-    out["qa_exact_match"] = result["qa_exact_match"]
-    out["qa_n"] = result["n"]
-    out["qa_chance"] = qa_chance(items)
-    out.update({f"qa_exact_match/{attr}": v for attr, v in result.get("by_attribute", {}).items()})
-  return out
-
-
-def qa_chance(items) -> float:
-  """Exact match of the best fact-free guesser: always the most common answer of each attribute."""
-  groups: dict[str, dict[str, int]] = {}
-  for it in items:
-    counts = groups.setdefault(getattr(it, "attribute", "") or "", {})
-    counts[it.answer] = counts.get(it.answer, 0) + 1
-  return sum(max(c.values()) for c in groups.values()) / max(len(items), 1)
 
 
 def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> RunResult:
@@ -208,6 +133,10 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
 
   The mesh is set with ``jax.set_mesh`` for the whole run, so memory reads run under
   ``jax.shard_map`` (each device reads only its part of the value table; see ``sharded_memory_read``).
+
+  Example:
+    >>> from memjax.config_bridge import config_from_dict, load_config_file   # doctest: +SKIP
+    >>> run(config_from_dict(load_config_file("configs/tiny.py")), "runs/tiny")  # doctest: +SKIP
   """
   mesh = sharding.make_mesh(cfg.mesh.resolve(jax.device_count()))
   with jax.set_mesh(mesh):
@@ -218,33 +147,32 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
   from memjax.data import make_pipeline
 
   workdir = os.path.abspath(workdir)
-  check_workdir(workdir)
   tc = cfg.train
   nproc, pidx = jax.process_count(), jax.process_index()
   if tc.batch_size % nproc:
-    raise ConfigError(f"train.batch_size={tc.batch_size} is invalid: must be divisible by the "
-                      f"{nproc} processes")
+    raise ConfigError("train", "batch_size", tc.batch_size, f"must be divisible by the {nproc} processes")
   sizes = cfg.mesh.resolve(jax.device_count())
   check_memory_mesh(cfg, sizes)
   batch_shards = sizes["data"] * sizes["fsdp"]
   if tc.batch_size % batch_shards:
-    raise ConfigError(f"train.batch_size={tc.batch_size} is invalid: must be divisible by "
-                      f"mesh.data * mesh.fsdp = {batch_shards}")
-
-  pipe = make_pipeline(**dataclasses.asdict(cfg.data), seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
-                       qa_jsonl=cfg.eval.qa_jsonl, process_index=pidx, process_count=nproc)
-  cfg = cfg.with_vocab(pipe.tokenizer.vocab_size)
-  rules = sharding.axis_rules(cfg.model.memory.value_sharding)
-  fns = make_step_fns(cfg.model, tc, backend=cfg.backend)
-  abstract = jax.eval_shape(fns.init, 0)
-  state_sh = state_shardings(fns, abstract, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh)
-  rep = NamedSharding(mesh, PartitionSpec())
+    raise ConfigError("train", "batch_size", tc.batch_size,
+                      f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+  created = not os.path.exists(workdir)
+  check_workdir(workdir)
+  try:
+    pipe = make_pipeline(cfg.data, seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
+                         qa_jsonl=cfg.eval.qa_jsonl, process_index=pidx, process_count=nproc)
+  except ValueError:  # bad data input (DataError): leave no trace of a workdir this run created
+    if created and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
+  cfg = cfg.with_vocab(pipe.tokenizer.vocab_size)  # the tokenizer decides (model.vocab_size is for the planner)
+  steps = jit_steps(make_step_fns(cfg.model, tc), mesh, cfg.model.memory.value_sharding)
 
   ckpt = Checkpointer(workdir, max_to_keep=tc.max_checkpoints)
   config_json = config_to_dict(cfg)
   try:
-    restored = restore_latest_good(ckpt, cfg, abstract_with_shardings(abstract, state_sh))
+    restored = restore_latest_good(ckpt, cfg, with_shardings(steps.abstract_state, steps.state_sharding))
   except BaseException:
     ckpt.close()
     raise
@@ -255,26 +183,10 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     print(f"resumed from {ckpt.directory}/{start}", flush=True)
   else:
     start = 0
-    state = jax.jit(fns.init, static_argnums=(), out_shardings=state_sh)(tc.seed)
+    state = steps.init(tc.seed)
   if pidx == 0:
     truncate_log(os.path.join(workdir, "metrics.jsonl"), start, drop_final_eval=start >= tc.steps)
   logger = _Logger(workdir, enabled=(pidx == 0), start=start)
-
-  train_step = jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                       donate_argnums=0)
-  # Evaluation outputs (loss, lookups, logits) are small: replicate them so every process can read
-  # them with np.asarray, also when the batch is split over several processes.
-  eval_fn = jax.jit(fns.eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep)
-
-  def _logits(state, tokens):
-    from flax import nnx
-    model = nnx.merge(fns.graphdef, state["values"], state["params"])
-    return model(tokens)[0]
-
-  logits_jit = jax.jit(_logits, in_shardings=(state_sh, rep), out_shardings=rep)
-
-  def logits_fn(state, tokens):
-    return np.asarray(logits_jit(state, jnp.asarray(tokens, jnp.int32)))
 
   def save(step_now: int, state_now) -> None:
     try:
@@ -309,8 +221,8 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     pending = None  # (step, metrics) of the step dispatched last
     t_last, step_last = time.perf_counter(), start
     for step in range(start, end):
-      batch = _global_batch(next(pipe.train), batch_sh, tc.batch_size)
-      state, metrics = train_step(state, batch)
+      batch = global_batch(next(pipe.train), steps, tc.batch_size)
+      state, metrics = steps.train(state, batch)
       if pending is not None:
         last = _handle_metrics(pending, tc, logger, bar)
       pending = (step + 1, metrics)
@@ -323,7 +235,7 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
       if tc.eval_every and done % tc.eval_every == 0 and done != end:
         last = _handle_metrics(pending, tc, logger, bar)
         pending = None
-        ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh)
+        ev = evaluate(cfg, steps, state, pipe)
         logger.write({"step": done, **ev})
       if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != end:
         if pending is not None:
@@ -341,7 +253,7 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     if final_step > start or ckpt.latest_step() is None:
       save(final_step, state)
     if final_step >= tc.steps:
-      ev = evaluate(cfg, fns, eval_fn, logits_fn, state, pipe, batch_sh)
+      ev = evaluate(cfg, steps, state, pipe)
       logger.write({"step": final_step, **ev})
       last = {**last, **ev}
       # Every process takes part: Orbax's save of sharded arrays is collective (process 0 alone would
@@ -363,12 +275,12 @@ def check_memory_mesh(cfg: Config, sizes: dict) -> None:
   if not mem.layers or m == 1:
     return
   if mem.value_sharding == "column" and mem.layer.value_dim % m:
-    raise ConfigError(f"model.memory.value_dim={mem.layer.value_dim} is invalid: must be divisible by "
-                      f"mesh.memory={m} with model.memory.value_sharding='column' (or use 'row')")
+    raise ConfigError("model.memory", "value_dim", mem.layer.value_dim,
+                      f"must be divisible by mesh.memory={m} with model.memory.value_sharding='column' (or use 'row')")
   if mem.value_sharding == "row" and mem.layer.num_slots % m:
-    raise ConfigError(f"model.memory.n_keys={mem.layer.n_keys} is invalid: its n_keys**2="
-                      f"{mem.layer.num_slots} slots must be divisible by mesh.memory={m} with "
-                      "model.memory.value_sharding='row'")
+    raise ConfigError("model.memory", "n_keys", mem.layer.n_keys,
+                      f"gives n_keys**2={mem.layer.num_slots} slots, which must be divisible by mesh.memory={m} "
+                      "with model.memory.value_sharding='row'")
 
 
 def _os_error_in(e: BaseException | None) -> OSError | None:
@@ -380,55 +292,6 @@ def _os_error_in(e: BaseException | None) -> OSError | None:
     seen.add(id(e))
     e = e.__cause__ or e.__context__
   return None
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-  text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
-  return text if len(text) <= limit else text[:limit] + "..."
-
-
-def restore_latest_good(ckpt: Checkpointer, cfg: Config, abstract_state):
-  """``(step, state, data_state)`` of the newest readable checkpoint, or None for an empty workdir.
-
-  Steps are tried newest first. A step written for other model shapes raises ``TrainingError`` naming
-  the fields (resuming it would be wrong, not merely impossible). An unreadable step (truncated or
-  corrupted files) is reported on stderr; once an older step restores, the newer unreadable ones are
-  moved to ``checkpoints.damaged/``. If no step is readable, or numbered directories exist that Orbax
-  does not recognise, the run is refused rather than silently restarted from step 0.
-  """
-  steps = ckpt.all_steps()
-  stray = ckpt.stray_step_dirs()
-  if not steps:
-    if stray:
-      raise TrainingError(f"{ckpt.directory} holds step directories {stray} that are not finished "
-                          "checkpoints; move the workdir aside (or delete it) to start over")
-    return None
-  damaged: list[tuple[int, str]] = []
-  for step in reversed(steps):
-    try:
-      saved = ckpt.read_config(step)
-    except (OSError, ValueError) as e:
-      damaged.append((step, f"config: {_first_line(e)}"))
-      print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
-      continue
-    if saved is not None:
-      diff = shape_mismatch(saved, cfg)
-      if diff:
-        raise TrainingError(f"workdir {os.path.dirname(ckpt.directory)} holds a run with other model "
-                            f"shapes (checkpoint step {step}); differing fields: " + "; ".join(diff))
-    try:
-      state, data_state, _ = ckpt.restore(abstract_state, step)
-    except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception on damaged files
-      damaged.append((step, _first_line(e)))
-      print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
-      continue
-    for bad, _ in damaged:
-      moved = ckpt.quarantine(bad)
-      print(f"warning: falling back from unreadable checkpoint step {bad} to step {step}; "
-            f"moved step {bad} to {moved}", file=sys.stderr, flush=True)
-    return step, state, data_state
-  raise TrainingError(f"no checkpoint in {ckpt.directory} is readable (steps {steps}; newest: "
-                      f"{damaged[0][1]}); move the workdir aside (or delete it) to start over")
 
 
 def threading_is_main() -> bool:

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: the full train state (sharded), the data-iterator state and the config.
+"""Orbax checkpoints: save, restore, export, and the restore policy (fallback, quarantine, refusal).
 
 Layout of a workdir:
   checkpoints/<step>/state    model parameters, value tables, optimizer states, step (sharded arrays)
@@ -8,6 +8,11 @@ Layout of a workdir:
 
 Restoring takes an abstract target whose leaves carry the shardings wanted *now*, so a checkpoint
 written on one mesh restores onto any other (1 device -> 8, column -> row, ...).
+
+Restore policy (``restore_latest_good``): the newest readable step wins; a step written for other
+model shapes is refused naming the fields; unreadable newer steps are moved to
+``checkpoints.damaged/``; a workdir with step directories but no readable step is refused rather
+than silently restarted from step 0.
 
 Crash safety. Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete,
 so a process killed mid-save leaves only a temporary directory, which the next ``Checkpointer``
@@ -20,20 +25,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding
 
-
-def abstract_with_shardings(abstract_tree, shardings):
-  """ShapeDtypeStructs carrying ``shardings`` (a prefix tree of NamedShardings) for restore targets."""
-  def one(sharding, subtree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), subtree)
-  return jax.tree.map(one, shardings, abstract_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+from memjax.config import Config
+from memjax.config_bridge import config_from_dict, shape_mismatch
+from memjax.train.errors import TrainingError
+from memjax.train.step import with_shardings
 
 
 class Checkpointer:
@@ -114,6 +117,59 @@ class Checkpointer:
     self.manager.close()
 
 
+# ----- the restore policy ---------------------------------------------------------------------------
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+  """The first line of an exception's message (TensorStore's details cut), at most ``limit`` chars."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def restore_latest_good(ckpt: Checkpointer, cfg: Config, abstract_state):
+  """``(step, state, data_state)`` of the newest readable checkpoint, or None for an empty workdir.
+
+  Steps are tried newest first. A step written for other model shapes raises ``TrainingError`` naming
+  the fields (resuming it would be wrong, not merely impossible). An unreadable step (truncated or
+  corrupted files) is reported on stderr; once an older step restores, the newer unreadable ones are
+  moved to ``checkpoints.damaged/``. If no step is readable, or numbered directories exist that Orbax
+  does not recognise, the run is refused rather than silently restarted from step 0.
+  """
+  steps = ckpt.all_steps()
+  stray = ckpt.stray_step_dirs()
+  if not steps:
+    if stray:
+      raise TrainingError(f"{ckpt.directory} holds step directories {stray} that are not finished "
+                          "checkpoints; move the workdir aside (or delete it) to start over")
+    return None
+  damaged: list[tuple[int, str]] = []
+  for step in reversed(steps):
+    try:
+      saved = ckpt.read_config(step)
+    except (OSError, ValueError) as e:
+      damaged.append((step, f"config: {first_line(e)}"))
+      print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
+      continue
+    if saved is not None:
+      diff = shape_mismatch(saved, cfg)
+      if diff:
+        raise TrainingError(f"workdir {os.path.dirname(ckpt.directory)} holds a run with other model "
+                            f"shapes (checkpoint step {step}); differing fields: " + "; ".join(diff))
+    try:
+      state, data_state, _ = ckpt.restore(abstract_state, step)
+    except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception on damaged files
+      damaged.append((step, first_line(e)))
+      print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
+      continue
+    for bad, _ in damaged:
+      moved = ckpt.quarantine(bad)
+      print(f"warning: falling back from unreadable checkpoint step {bad} to step {step}; "
+            f"moved step {bad} to {moved}", file=sys.stderr, flush=True)
+    return step, state, data_state
+  raise TrainingError(f"no checkpoint in {ckpt.directory} is readable (steps {steps}; newest: "
+                      f"{damaged[0][1]}); move the workdir aside (or delete it) to start over")
+
+
 # ----- inference export ---------------------------------------------------------------------------
 
 
@@ -138,31 +194,34 @@ def export_params(path: str, params: nnx.State, values: nnx.State, config: dict)
     os.replace(tmp, os.path.join(path, "config.json"))
 
 
-def load_exported(path: str, mesh=None, *, backend: str = "auto"):
+def load_exported(path: str, mesh=None, *, backend: str | None = None):
   """Restores an ``export_params`` checkpoint as an ``LM`` on ``mesh`` (default: one device).
 
   Returns ``(model, config)``; the arrays are laid out by the logical axis rules for that mesh.
+  ``backend`` overrides the saved ``model.memory.backend``.
 
   Example:
     >>> model, cfg = load_exported("runs/default/export")      # doctest: +SKIP
     >>> logits, _ = model(tokens)                               # doctest: +SKIP
   """
+  import dataclasses
+
   from memjax import sharding
-  from memjax.run_config import config_from_json
-  from memjax.model import LM
-  from memjax.train_lib import split_model
+  from memjax.model import LM, merge_model, split_model
 
   path = os.path.abspath(path)
   with open(os.path.join(path, "config.json")) as f:
-    raw = json.load(f)
-  cfg = config_from_json(raw)
+    cfg = config_from_dict(json.load(f))
+  if backend is not None:
+    memory = dataclasses.replace(cfg.model.memory, backend=backend)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=memory))
   if mesh is None:
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "memory": 1}, jax.devices()[:1])
   rules = sharding.axis_rules(cfg.model.memory.value_sharding)
-  abstract = nnx.eval_shape(lambda: LM(cfg.model, backend=backend, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: LM(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, params, values = split_model(abstract)
-  target = {"params": abstract_with_shardings(params, sharding.state_shardings(params, mesh, rules)),
-            "values": abstract_with_shardings(values, sharding.state_shardings(values, mesh, rules))}
+  target = {"params": with_shardings(params, sharding.state_shardings(params, mesh, rules)),
+            "values": with_shardings(values, sharding.state_shardings(values, mesh, rules))}
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(os.path.join(path, "params"), target)
-  return nnx.merge(graphdef, restored["values"], restored["params"]), cfg
+  return merge_model(graphdef, restored["params"], restored["values"]), cfg

@@ -9,9 +9,9 @@ for a reduce-scatter: the scattered shard), the size a ring implementation moves
 (n-1)/n (all-gather, reduce-scatter) or 2(n-1)/n (all-reduce). Instructions inside loops are counted
 once (the step's HLO is loop-free unless a backend adds a ``while``).
 
-Example (``compile_train_step`` builds the step as the trainer does)::
+Example (``memjax.train.step.compile_train_step`` compiles the step the training loop runs)::
 
-  compiled, *_ = compile_train_step(model_cfg, train_cfg, {"data": 2, "fsdp": 1, "memory": 4})
+  compiled, _ = compile_train_step(model_cfg, train_cfg, {"data": 2, "fsdp": 1, "memory": 4})
   for c in collectives(compiled):
     print(c.kind, c.shapes, c.bytes)
 """
@@ -97,36 +97,3 @@ def gathers_of_shape(colls: list[Collective], shape: tuple) -> list[Collective]:
   """All-gathers whose result holds an array of exactly ``shape`` (e.g. a full value table)."""
   shape = tuple(shape)
   return [c for c in colls if c.kind == "all-gather" and any(dims == shape for _, dims in c.shapes)]
-
-
-def compile_train_step(model_cfg, train_cfg, mesh_sizes: dict, *, backend: str = "auto", devices=None):
-  """The sharded train step, compiled ahead of time from ShapeDtypeStructs (nothing allocated).
-
-  Returns ``(compiled, abstract_state, state_shardings, mesh)``; the step is jitted exactly as
-  ``memjax.trainer.run`` does (explicit in/out shardings, donated state).
-  """
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from memjax import sharding
-  from memjax.train_lib import BATCH_KEYS, make_step_fns, state_shardings
-
-  mesh = sharding.make_mesh(mesh_sizes, devices)
-  rules = sharding.axis_rules(model_cfg.memory.value_sharding)
-  fns = make_step_fns(model_cfg, train_cfg, backend=backend)
-  abstract = jax.eval_shape(fns.init, 0)
-  state_sh = state_shardings(fns, abstract, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh)
-  rep = NamedSharding(mesh, PartitionSpec())
-  shape = (train_cfg.batch_size, train_cfg.seq_len)
-  def with_sharding(sh, subtree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), subtree)
-
-  args = (jax.tree.map(with_sharding, state_sh, abstract, is_leaf=lambda x: isinstance(x, NamedSharding)),
-          {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in BATCH_KEYS})
-  step = jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                 donate_argnums=0)
-  with jax.set_mesh(mesh):  # the memory read finds the mesh here (``sharded_memory_read``)
-    compiled = step.trace(*args).lower().compile()
-  return compiled, abstract, state_sh, mesh

@@ -1,0 +1,299 @@
+"""Per-device memory, FLOPs and communication of a training run, from formulas (nothing compiled).
+
+  python -m memjax.plan --config=configs/paper_373m.py --mesh data=8,memory=1
+  python -m memjax.plan --config=configs/paper_8b.py --mesh data=8,fsdp=8,memory=4 --json
+  (``memjax.plan`` is this module's command name; ``python -m memjax.scale.plan`` is the same)
+
+Shapes: B global batch, b = B / (data * fsdp) per device, T sequence, C width, L layers, V vocab,
+N query heads, Dh head width, F FFN hidden, and for memory H heads, k top-k, n sub-keys, M = n^2
+slots, Dk key width, Dv value width; m = the ``memory`` axis size.
+
+Per device (fp32 unless the config says otherwise):
+  parameters   each parameter's shard under ``sharding.axis_rules`` (``spec_for`` on its logical axes)
+  optimizer    Adam moments: 2 x the parameter shards (fp32), for the values too (dense or sparse)
+  activations  what the backward pass keeps, per token of a block (``_activation_floats``), the
+               logits (3 V per token: logits, softmax, its gradient), and per memory layer the
+               gathered value rows [tokens, H k, Dv_local] (Dv/m in column mode, Dv in row mode)
+  temporaries  the larger of two phases, which XLA schedules apart and overlays in memory:
+                 backward: activations + parameter gradients (+ dense: one [rows, Dv_local] value
+                           gradient per memory layer, each reader's own scatter into zeros);
+                 update:   2 x (parameter gradients + dense per-layer value gradients) when the
+                           batch is split (the gradients and their all-reduced copies), 1 x if not;
+                           sparse: the merged row gradients [S, Dv_local] and their psum, S =
+                           min(global lookups, table rows on the device + 1) per table; without
+                           batch shards the 1-device step's ~5 [lookups, Dv] buffers.
+               (``gradients_bytes`` is the update phase; ``temp_bytes`` the larger one.)
+               Checked against XLA's ``memory_analysis`` by ``benchmarks/plan_check.py``.
+  FLOPs/token  6 x ``ModelConfig.flops_per_token`` (forward + backward)
+  gathered     bytes of value rows one token reads: ``MemoryConfig.bytes_read_per_token`` x layers
+  comms/step   data-parallel gradient all-reduce of the replicated parameter shards (and of the
+               value table's shard in dense mode; sparse: an all-gather of the lookups' row ids and a
+               psum of the merged row gradients); FSDP gathers of the embed-sharded parameters
+               (forward + backward) and a reduce-scatter of their grads; column mode: a reduce of the
+               memory read [b T, C] per memory layer (fwd + bwd); row mode: a psum of the partial
+               reads [b T, Dv] per memory layer (fwd + bwd).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+from memjax.config import ModelConfig, TrainConfig
+
+
+def parse_mesh(text: str) -> dict:
+  """"data=8,memory=4" -> {"data": 8, "fsdp": 1, "memory": 4}."""
+  sizes = {"data": 1, "fsdp": 1, "memory": 1}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in sizes or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"--mesh part {part!r} is invalid: use data=N,fsdp=N,memory=N with N >= 1")
+    sizes[name] = int(value)
+  return sizes
+
+
+def _shard_elems(shape, axes, rules, sizes) -> int:
+  from memjax import sharding
+  spec = sharding.spec_for(shape, axes, rules, types.SimpleNamespace(shape=sizes))
+  count = 1
+  for dim, s in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if s is None else ((s,) if isinstance(s, str) else tuple(s))
+    count *= dim // math.prod(sizes[a] for a in names)
+  return count
+
+
+def parameter_shards(model_cfg: ModelConfig, sizes: dict) -> dict:
+  """{"params", "values", "replicated"}: per-device element counts (replicated = no axis splits it)."""
+  import jax
+  from flax import nnx
+
+  from memjax import sharding
+  from memjax.memory.layer import MemoryValue
+  from memjax.model import LM
+
+  rules = sharding.axis_rules(model_cfg.memory.value_sharding)
+  abstract = nnx.eval_shape(lambda: LM(model_cfg, rngs=nnx.Rngs(0)))
+  out = {"params": 0, "values": 0, "replicated": 0, "fsdp_full": 0, "value_dtype_bytes": 4}
+  for _, var in nnx.iter_graph(abstract):
+    if not isinstance(var, nnx.Variable):
+      continue
+    value = var.get_value()
+    axes = var.get_metadata().get("logical_axes")
+    elems = _shard_elems(value.shape, axes, rules, sizes)
+    if isinstance(var, MemoryValue):
+      out["values"] += elems
+      out["value_dtype_bytes"] = jax.numpy.dtype(value.dtype).itemsize
+    else:
+      out["params"] += elems
+      full = math.prod(value.shape)
+      if elems == full:
+        out["replicated"] += elems
+      else:
+        out["fsdp_full"] += full
+  return out
+
+
+def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str) -> int:
+  """Floats per token one block keeps for the backward pass (fp32, no rematerialisation)."""
+  c, nh, dh, t = cfg.dim, cfg.num_heads, cfg.head_dim, seq_len
+  attn = 4 * c + 5 * nh * dh + 2 * nh * t  # norms, x, h; q, k, v, rotated q/k; scores and probabilities
+  if kind == "dense":
+    return attn + 4 * cfg.mlp_dim
+  if kind == "moe":
+    return attn + 4 * cfg.moe.top_k * cfg.moe_mlp_dim + cfg.moe.num_experts
+  mem = cfg.memory.layer
+  h, k, n, dk, dv = mem.heads, mem.k, mem.n_keys, mem.key_dim, mem.value_dim
+  return attn + 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + 5 * dv
+
+
+def _table_shard(model_cfg: ModelConfig, sizes: dict) -> tuple[int, int]:
+  """(rows, columns) of one value table on one device under the mesh's sharding rules."""
+  from memjax import sharding
+  mem = model_cfg.memory.layer
+  rules = sharding.axis_rules(model_cfg.memory.value_sharding)
+  spec = sharding.spec_for((mem.num_slots, mem.value_dim), (sharding.SLOTS, sharding.VALUE_DIM), rules,
+                           types.SimpleNamespace(shape=sizes))
+  split = lambda s: 1 if s is None else math.prod(sizes[a] for a in ((s,) if isinstance(s, str) else s))
+  spec = tuple(spec) + (None,) * (2 - len(spec))
+  return mem.num_slots // split(spec[0]), mem.value_dim // split(spec[1])
+
+
+def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
+  """The per-device plan as a flat dict of numbers (bytes, FLOPs)."""
+  mem = model_cfg.memory.layer
+  devices = math.prod(sizes.values())
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  b, t = train_cfg.batch_size // batch_shards, train_cfg.seq_len
+  tokens = b * t
+  shards = parameter_shards(model_cfg, sizes)
+  vb = shards["value_dtype_bytes"]
+  params_bytes = 4 * shards["params"] + vb * shards["values"]
+  opt_bytes = 2 * 4 * (shards["params"] + shards["values"])
+  n_mem = len(model_cfg.memory.layers)
+  sparse = model_cfg.memory.row_sparse
+  lookups = n_mem * tokens * mem.heads * mem.k
+  global_lookups = lookups * batch_shards
+  p_bytes = 4 * shards["params"]
+  # The value table's shard on one device: [rows, dv] (row mode splits rows, column mode dv).
+  rows, dv = _table_shard(model_cfg, sizes)
+  tables = 1 if model_cfg.memory.shared else n_mem
+  # Activations: what the backward keeps per token (``_activation_floats``), the logits, and each
+  # memory layer's gathered value rows [tokens, H k, dv] (the XLA bag materialises them; its
+  # backward reads them again for the weights' gradient).
+  act = sum(_activation_floats(model_cfg, t, model_cfg.block_kind(i)) for i in range(model_cfg.num_layers))
+  act_bytes = 4 * tokens * (act + 3 * model_cfg.vocab_size + 2 * model_cfg.dim + n_mem * mem.heads * mem.k * dv)
+  # Two phases peak apart (XLA reuses the activations' memory for the update):
+  #   backward  activations + the parameter gradients + (dense) one [rows, dv] value gradient per
+  #             memory layer (each reader's gradient is its own scatter into zeros until they are summed)
+  #   update    every gradient and its all-reduced copy (one tuple all-reduce over the batch axes when
+  #             they split the batch), 2 x (parameter gradients + per-layer value gradients); sparse:
+  #             the merged row gradients [S, dv] and their psum (S = min(global lookups, rows + 1)
+  #             distinct rows), Adam running over chunks of them in memory freed by the kernel.
+  #             Without batch shards the sparse step is the 1-device one: the row-gradient kernel and
+  #             Adam over all lookups, ~5 [lookups, dv] fp32 buffers.
+  copies = 2 if batch_shards > 1 else 1
+  if sparse and n_mem:
+    backward = act_bytes + p_bytes
+    if batch_shards > 1:
+      merged_rows = min(global_lookups // tables, rows + 1) * tables
+      update = copies * (p_bytes + 4 * merged_rows * dv)
+    else:
+      update = copies * p_bytes + 5 * 4 * global_lookups * dv
+  else:
+    value_grads = 4 * n_mem * rows * dv if n_mem else 0
+    backward = act_bytes + p_bytes + value_grads
+    update = copies * (p_bytes + value_grads)
+  grad_bytes = update
+  temp_bytes = max(backward, update)
+  batch_bytes = 5 * 4 * tokens
+
+  fwd = model_cfg.flops_per_token(t)
+  comm = {}
+  if sizes["data"] * sizes["fsdp"] > 1 or sizes["memory"] > 1:
+    comm["all-reduce grads"] = 4 * shards["replicated"] if batch_shards > 1 else 0
+    if batch_shards > 1 and n_mem and not sparse:  # the dense value gradient, per table shard
+      comm["all-reduce value grads"] = 4 * shards["values"]
+  if sizes["fsdp"] > 1:
+    comm["fsdp all-gather params"] = 2 * 4 * shards["fsdp_full"]
+    comm["fsdp reduce-scatter grads"] = 4 * shards["fsdp_full"] // sizes["fsdp"]
+  if sizes["memory"] > 1 and n_mem:
+    width = model_cfg.dim if model_cfg.memory.value_sharding == "column" else mem.value_dim
+    comm[f"memory read reduce ({model_cfg.memory.value_sharding})"] = 2 * n_mem * 4 * tokens * width
+  if sparse and n_mem and batch_shards > 1:  # all-gather the row ids, psum the merged row gradients
+    comm["sparse update row ids"] = 4 * global_lookups
+    comm["sparse update psum rows"] = 4 * min(global_lookups // tables, rows + 1) * tables * dv
+  return {
+      "devices": devices, "mesh": sizes, "tokens_per_device": tokens,
+      "param_count": model_cfg.param_counts()["total"],
+      "parameters_bytes": params_bytes, "optimizer_bytes": opt_bytes, "gradients_bytes": grad_bytes,
+      "activations_bytes": act_bytes, "batch_bytes": batch_bytes, "temp_bytes": temp_bytes,
+      "arguments_bytes": params_bytes + opt_bytes + batch_bytes,
+      "total_bytes": 2 * (params_bytes + opt_bytes) + batch_bytes + temp_bytes,
+      "train_flops_per_token": 6 * fwd, "forward_flops_per_token": fwd,
+      "value_bytes_gathered_per_token": n_mem * mem.bytes_read_per_token(),
+      "comm_bytes_per_step": comm, "comm_total_bytes_per_step": sum(comm.values()),
+  }
+
+
+def _fmt(n: float) -> str:
+  for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def format_plan(p: dict) -> str:
+  lines = [f"mesh {p['mesh']} ({p['devices']} devices), {p['tokens_per_device']} tokens/device/step, "
+           f"{p['param_count'] / 1e6:,.1f}M parameters",
+           f"  parameters      {_fmt(p['parameters_bytes'])}",
+           f"  optimizer       {_fmt(p['optimizer_bytes'])}",
+           f"  activations     {_fmt(p['activations_bytes'])}",
+           f"  update temps    {_fmt(p['gradients_bytes'])}",
+           f"  temporaries     {_fmt(p['temp_bytes'])}   (max of backward and update phases)",
+           f"  total (peak)    {_fmt(p['total_bytes'])}   (state in + state out + temporaries)",
+           f"  FLOPs/token     {p['train_flops_per_token'] / 1e9:.2f} GFLOP train "
+           f"({p['forward_flops_per_token'] / 1e9:.2f} forward)",
+           f"  value bytes gathered/token  {_fmt(p['value_bytes_gathered_per_token'])}",
+           f"  communication/step  {_fmt(p['comm_total_bytes_per_step'])}"]
+  lines += [f"    {k:28s} {_fmt(v)}" for k, v in p["comm_bytes_per_step"].items()]
+  return "\n".join(lines)
+
+
+def compare_with_xla(config_path: str, sizes: dict, *, batch_size=None, seq_len=None, value_update=None,
+                     value_sharding=None, backend="xla", overrides=()) -> dict:
+  """The plan of a configs/*.py file next to XLA's ``memory_analysis`` of the same sharded train step,
+  compiled ahead of time on this process's devices (``jax.devices()``, e.g. fake CPU devices).
+
+  Compared per device: arguments (parameters + optimizer state + batch) with XLA's argument bytes;
+  temporaries with XLA's temp bytes; their sum with argument + output - alias + temp. Returns a dict
+  with both sides, the relative errors and the collectives of the compiled step.
+  """
+  import dataclasses
+  import time
+
+  from memjax.scale import comms
+  from memjax.train.step import compile_train_step
+
+  cfg = load_config(config_path, overrides)
+  train = dataclasses.replace(cfg.train, **{k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len))
+                                            if v is not None})
+  memory = dataclasses.replace(cfg.model.memory, backend=backend,
+                               **{k: v for k, v in (("value_update", value_update),
+                                                    ("value_sharding", value_sharding)) if v is not None})
+  model = dataclasses.replace(cfg.model, memory=memory)
+  p = plan(model, train, sizes)
+  t0 = time.time()
+  compiled, _ = compile_train_step(model, train, sizes)
+  seconds = time.time() - t0
+  m = compiled.memory_analysis()
+  xla = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+         "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
+  xla_total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+  planned = {"arguments": p["arguments_bytes"], "temp": p["temp_bytes"],
+             "total": p["arguments_bytes"] + p["temp_bytes"]}
+  err = lambda a, b: (a - b) / b
+  return {"config": config_path, "mesh": sizes, "batch_size": train.batch_size, "seq_len": train.seq_len,
+          "value_update": memory.value_update, "value_sharding": memory.value_sharding,
+          "compile_seconds": round(seconds, 1), "xla": xla, "xla_total": xla_total, "plan": planned,
+          "error": {"arguments": err(planned["arguments"], xla["argument"]), "temp": err(planned["temp"], xla["temp"]),
+                    "total": err(planned["total"], xla_total)},
+          "collectives": comms.summarize(comms.collectives(compiled)), "planned_comm": p["comm_bytes_per_step"]}
+
+
+def load_config(path: str, overrides=()):
+  """A ``Config`` from a configs/*.py file and ``(dotted key, TEXT)`` overrides; its vocabulary as
+  set there, or 32000 if 0 (the planner has no tokenizer)."""
+  from memjax.config_bridge import apply_overrides, config_from_dict, load_config_file
+  cfg = config_from_dict(apply_overrides(load_config_file(path), list(overrides)))
+  return cfg.with_vocab(32000) if cfg.model.vocab_size == 0 else cfg
+
+
+def main(argv=None) -> int:
+  """``python -m memjax.plan``; bad input exits 2 with one line (``error: ...``)."""
+  from memjax.config import ConfigError
+  from memjax.command import ArgumentParser, CommandLineError
+  from memjax.train.main import split_config_overrides
+
+  parser = ArgumentParser(prog="python -m memjax.plan", description=__doc__.splitlines()[0],
+                          epilog="Override config fields with --config.<section>.<field>=VALUE.")
+  parser.add_argument("--config", required=True, help="a configs/*.py file")
+  parser.add_argument("--mesh", default="data=1", help="data=N,fsdp=N,memory=N")
+  parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+  try:
+    rest, overrides = split_config_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(rest)
+    sizes = parse_mesh(args.mesh)
+    cfg = load_config(args.config, overrides)
+  except (ConfigError, CommandLineError, ValueError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  p = plan(cfg.model, cfg.train, sizes)
+  print(json.dumps(p, indent=1) if args.json else format_plan(p))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

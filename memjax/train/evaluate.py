@@ -1,0 +1,89 @@
+"""Evaluation during and after training: validation loss, memory key usage, closed-book QA.
+
+``evaluate(cfg, steps, state, pipe)`` returns the flat metrics the loop logs (the README's metrics
+contract): ``val_loss``; the memory usage statistics of the validation lookups (``used``, ``kl``,
+``gini``, ``top50/90/99``, prefixed by the pool when a model has several); and, when QA items are
+configured, ``qa_exact_match``, ``qa_n``, ``qa_chance`` and ``qa_exact_match/<attribute>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memjax.config import Config
+from memjax.data.pipeline import BATCH_KEYS
+from memjax.metrics import memory_usage
+from memjax.train.step import Steps
+
+
+def global_batch(batch: dict, steps: Steps, global_batch_size: int) -> dict:
+  """This process's rows of a batch as global arrays laid out by ``steps.batch_sharding``."""
+  out = {}
+  for key in BATCH_KEYS:
+    local = np.asarray(batch[key])
+    out[key] = jax.make_array_from_process_local_data(steps.batch_sharding, local,
+                                                      (global_batch_size, *local.shape[1:]))
+  return out
+
+
+def qa_chance(items) -> float:
+  """Exact match of the best fact-free guesser: always the most common answer of each attribute.
+
+  Example:
+    >>> from memjax.data import QAItem
+    >>> qa_chance([QAItem("a", "x", "city"), QAItem("b", "x", "city"), QAItem("c", "y", "city")])
+    0.6666666666666666
+  """
+  groups: dict[str, dict[str, int]] = {}
+  for it in items:
+    counts = groups.setdefault(getattr(it, "attribute", "") or "", {})
+    counts[it.answer] = counts.get(it.answer, 0) + 1
+  return sum(max(c.values()) for c in groups.values()) / max(len(items), 1)
+
+
+def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
+  """Validation loss, memory usage over the validation lookups, and QA exact match."""
+  out: dict[str, Any] = {}
+  lookups_by_pool: dict[str, list] = {}
+  if pipe.validation is not None and cfg.eval.eval_batches > 0:
+    it = pipe.validation()
+    total, count = 0.0, 0.0
+    for _ in range(cfg.eval.eval_batches):
+      try:
+        batch = next(it)
+      except StopIteration:
+        break
+      metrics = steps.eval(state, global_batch(batch, steps, cfg.train.batch_size))
+      n = float(metrics["tokens"])
+      total += float(metrics["ce"]) * n
+      count += n
+      for pool in steps.fns.pools:
+        for j in pool.readers:
+          idx, w = metrics["lookups"][j]
+          lookups_by_pool.setdefault(pool.key, []).append((np.asarray(idx), np.asarray(w)))
+    if count:
+      out["val_loss"] = total / count
+  num_slots = cfg.model.memory.layer.num_slots
+  for key, pairs in lookups_by_pool.items():
+    idx = np.concatenate([p[0].reshape(-1) for p in pairs])
+    w = np.concatenate([p[1].reshape(-1) for p in pairs])
+    usage = memory_usage(jnp.asarray(idx), jnp.asarray(w), num_slots)
+    prefix = "" if len(lookups_by_pool) == 1 else key + "/"
+    out.update({prefix + k: float(v) for k, v in usage.items()})
+  items = list(pipe.qa_items)
+  if items and (cfg.eval.qa_from_kb or cfg.eval.qa_jsonl):
+    from memjax.data.qa import qa_exact_match
+    items = items[:cfg.eval.qa_max_items]
+    logits_fn = lambda tokens: np.asarray(steps.logits(state, jnp.asarray(tokens, jnp.int32)))
+    result = qa_exact_match(logits_fn, items, pipe.tokenizer, batch_size=cfg.eval.qa_batch_size,
+                            max_answer_tokens=cfg.eval.qa_max_answer_tokens or None,
+                            seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len)
+    out["qa_exact_match"] = result["qa_exact_match"]
+    out["qa_n"] = result["n"]
+    out["qa_chance"] = qa_chance(items)
+    out.update({f"qa_exact_match/{attr}": v for attr, v in result.get("by_attribute", {}).items()})
+  return out

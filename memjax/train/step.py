@@ -1,0 +1,305 @@
+"""Pure train and eval steps, the train state's shardings, and the one jit of the steps.
+
+The train state is a dict pytree:
+  step       int32 []                       steps applied
+  params     nnx.State                      every parameter but the value tables
+  values     nnx.State                      the value tables (``MemoryValue``), one per pool
+  opt        optax state for ``params``
+  value_opt  optax state (dense) or ``{pool key: SparseAdamState}`` (sparse) for ``values``
+
+``make_step_fns`` returns the pure functions (``StepFns``); ``jit_steps`` jits them once for a mesh
+with explicit in/out shardings and a donated state: the training loop, the ahead-of-time compile
+helpers (``compile_train_step``) and the tests all use it. Batches follow the data contract
+(``memjax.data.pipeline``): ``{"inputs", "targets", "loss_mask", "segment_ids", "positions"}``,
+each [B, T].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from memjax import sharding
+from memjax.config import ModelConfig, TrainConfig
+from memjax.data.pipeline import BATCH_DTYPES
+from memjax.kernels.embedding_bag import embedding_bag_row_grads
+from memjax.model import LM, Pool, merge_model, split_model, value_pools
+from memjax.optim import (UPDATE_CHUNK_ROWS, SparseAdamState, lr_schedule, make_dense_value_tx, make_model_tx,
+                          sparse_adam_init, sparse_value_update)
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
+  """(mean masked token cross-entropy, number of tokens counted)."""
+  logz = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  picked = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  mask = mask_BxT.astype(jnp.float32)
+  count = jnp.sum(mask)
+  return jnp.sum((logz - picked) * mask) / jnp.maximum(count, 1.0), count
+
+
+class LossAux(NamedTuple):
+  """What the loss returns beside itself: cross-entropy, MoE balancing loss, tokens counted, and each
+  memory block's lookup ``(indices [B, T, H, k], weights [B, T, H, k])``."""
+
+  ce: jax.Array
+  moe_loss: jax.Array
+  tokens: jax.Array
+  lookups: list
+
+
+class PoolTaps(NamedTuple):
+  """The inputs of one pool's row gradients over its R readers (``embedding_bag_row_grads``)."""
+
+  idx: jax.Array  # [R, B, T, H*k] slots
+  weights: jax.Array  # [R, B, T, H*k]
+  d_reads: jax.Array  # [R, B, T, Dv] cotangents of the reads
+
+
+def _get(state: nnx.State, path: tuple):
+  node = state
+  for key in path:
+    node = node[key]
+  return node
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """What ``make_step_fns`` builds: the model's graph and pools, the optimizers and the pure steps.
+
+  sparse: the value tables are updated row-sparsely (``value_opt`` holds ``SparseAdamState``s and
+  ``value_tx`` is None); otherwise ``value_tx`` is the dense optax chain.
+  """
+
+  graphdef: Any
+  pools: tuple[Pool, ...]
+  sparse: bool
+  model_tx: optax.GradientTransformation
+  value_tx: optax.GradientTransformation | None
+  init: Any  # rng seed -> state
+  grads: Any  # (state, batch) -> (loss, LossAux, param grads, value grads)
+  train_step: Any  # (state, batch) -> (state, metrics)
+  eval_step: Any  # (state, batch) -> {"ce", "tokens", "lookups"}
+  logits: Any  # (state, tokens [B, T] int32) -> logits [B, T, V] fp32
+
+
+def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+                  update_chunk_rows: int = UPDATE_CHUNK_ROWS) -> StepFns:
+  """Builds the pure init / train / eval functions for one model and optimizer configuration.
+
+  ``update_chunk_rows``: rows per step of the sharded sparse Adam loop (``optim``).
+  """
+  sparse = model_cfg.memory.row_sparse
+  num_slots = model_cfg.memory.layer.num_slots
+  backend = model_cfg.memory.backend
+  if sparse and backend == "auto":
+    # The sparse step updates the donated table in place. An opaque kernel (custom call) that reads
+    # the table makes XLA copy the whole table first (O(slots) per step, measured); XLA's own
+    # gather does not. So sparse steps read the table with the "xla" backend unless told otherwise.
+    backend = "xla"
+  model_tx = make_model_tx(train_cfg)
+  value_tx = None if sparse else make_dense_value_tx(train_cfg)
+  value_lr = lr_schedule(train_cfg.value_learning_rate, train_cfg)
+  model_lr = lr_schedule(train_cfg.lr, train_cfg)
+  adam = dict(b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.value_weight_decay)
+
+  abstract = nnx.eval_shape(lambda: LM(model_cfg, backend=backend, rngs=nnx.Rngs(0)))
+  graphdef, _, _ = split_model(abstract)
+  pools = value_pools(abstract)
+  readers = len(abstract.memory_blocks)
+
+  def init(seed):
+    model = LM(model_cfg, backend=backend, rngs=nnx.Rngs(jax.random.key(seed)))
+    _, params, values = split_model(model)
+    if sparse:
+      value_opt = {p.key: sparse_adam_init(_get(values, p.path)[...]) for p in pools}
+    else:
+      value_opt = value_tx.init(values)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "values": values,
+            "opt": model_tx.init(params), "value_opt": value_opt}
+
+  def forward(params, values, batch, taps):
+    model = merge_model(graphdef, params, values)
+    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], value_taps=taps)
+    ce, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    lookups = [(r.indices, r.weights) for r in aux["memory"]]
+    return ce + aux["moe_loss"], LossAux(ce, aux["moe_loss"], count, lookups)
+
+  def sparse_taps(params, values, batch):
+    """Loss, aux, param grads and ``{pool key: PoolTaps}``: the value tables are read under
+    stop_gradient and each read gets a zero "tap" whose cotangent is the read's."""
+    b, t = batch["inputs"].shape
+    dv = model_cfg.memory.layer.value_dim
+    taps = [jnp.zeros((b, t, dv), jnp.float32) for _ in range(readers)]
+    (loss, aux), (g_params, g_taps) = jax.value_and_grad(
+        lambda p, tp: forward(p, values, batch, tp), argnums=(0, 1), has_aux=True)(params, taps)
+    inputs = {}
+    for pool in pools:
+      idx = jnp.stack([aux.lookups[j][0].reshape(b, t, -1) for j in pool.readers])
+      wts = jnp.stack([aux.lookups[j][1].reshape(b, t, -1) for j in pool.readers])
+      inputs[pool.key] = PoolTaps(idx, wts, jnp.stack([g_taps[j] for j in pool.readers]))
+    return loss, aux, g_params, inputs
+
+  def grads(state, batch):
+    """Loss, aux and gradients. The value gradient is dense (a State like ``values``) in dense
+    mode, and ``{pool key: (rows [U], row_grads [U, Dv])}`` in sparse mode (over the whole batch:
+    the train step under a mesh computes them per shard instead, ``optim.sharded_sparse_value_update``)."""
+    params, values = state["params"], state["values"]
+    if not sparse:
+      (loss, aux), (g_params, g_values) = jax.value_and_grad(
+          lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
+      return loss, aux, g_params, g_values
+    loss, aux, g_params, inputs = sparse_taps(params, values, batch)
+    g_values = {key: embedding_bag_row_grads(*taps, num_slots) for key, taps in inputs.items()}
+    return loss, aux, g_params, g_values
+
+  def train_step(state, batch):
+    params, values, step = state["params"], state["values"], state["step"]
+    if sparse:
+      loss, aux, g_params, inputs = sparse_taps(params, values, batch)
+      new_value_opt, sq_norm = dict(state["value_opt"]), 0.0
+      flat = {tuple(p): v for p, v in nnx.to_flat_state(values)}
+      for pool in pools:
+        table = flat[pool.path][...]
+        specs = sharding.sparse_update_specs(model_cfg.memory.value_sharding, batch["inputs"].shape[0],
+                                             table.shape)
+        table, new_value_opt[pool.key], sq = sparse_value_update(
+            specs, table, state["value_opt"][pool.key], *inputs[pool.key], value_lr(step),
+            clip=train_cfg.value_clip, chunk_rows=update_chunk_rows, **adam)
+        sq_norm = sq_norm + sq
+        flat[pool.path] = flat[pool.path].replace(table)
+      new_values = nnx.from_flat_state(flat)
+      value_grad_norm = jnp.sqrt(sq_norm)
+    else:
+      loss, aux, g_params, g_values = grads(state, batch)
+      value_grad_norm = optax.tree.norm(g_values)
+      updates, new_value_opt = value_tx.update(g_values, state["value_opt"], values)
+      new_values = optax.apply_updates(values, updates)
+    grad_norm = optax.tree.norm(g_params)
+
+    updates, new_opt = model_tx.update(g_params, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(value_grad_norm)
+    new_state = {"step": step + 1, "params": new_params, "values": new_values, "opt": new_opt,
+                 "value_opt": new_value_opt}
+    if train_cfg.nan_policy == "skip":
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = {"step": step + 1, **{k: keep(new_state[k], state[k]) for k in
+                                          ("params", "values", "opt", "value_opt")}}
+    metrics = {"loss": loss, "ce": aux.ce, "moe_loss": aux.moe_loss, "grad_norm": grad_norm,
+               "value_grad_norm": value_grad_norm, "lr": model_lr(step), "value_lr": value_lr(step),
+               "tokens": aux.tokens, "finite": finite}
+    return new_state, metrics
+
+  def eval_step(state, batch):
+    _, aux = forward(state["params"], state["values"], batch, None)
+    return {"ce": aux.ce, "tokens": aux.tokens, "lookups": aux.lookups}
+
+  def logits(state, tokens_BxT):
+    return merge_model(graphdef, state["params"], state["values"])(tokens_BxT)[0]
+
+  return StepFns(graphdef, pools, sparse, model_tx, value_tx, init, grads, train_step, eval_step, logits)
+
+
+# ----- sharding of the state and the one jit ----------------------------------------------------------
+
+
+def state_shardings(fns: StepFns, abstract_state, mesh: Mesh, rules: dict):
+  """NamedShardings for every leaf of the train state: parameters by their logical axes, optimizer
+  moments like their parameters, scalars replicated."""
+  rep = sharding.replicated(mesh)
+  params_sh = sharding.state_shardings(abstract_state["params"], mesh, rules)
+  values_sh = sharding.state_shardings(abstract_state["values"], mesh, rules)
+
+  def like_params(tx, opt_state, params_sharding):
+    return optax.tree_map_params(tx, lambda _, s: s, opt_state, params_sharding,
+                                 transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, (nnx.Variable, NamedSharding)))
+
+  opt_sh = like_params(fns.model_tx, abstract_state["opt"], params_sh)
+  if fns.sparse:
+    value_opt_sh = {}
+    for pool in fns.pools:
+      table_sh = _get(values_sh, pool.path)
+      value_opt_sh[pool.key] = SparseAdamState(table_sh, table_sh, rep)
+  else:
+    value_opt_sh = like_params(fns.value_tx, abstract_state["value_opt"], values_sh)
+  return {"step": rep, "params": params_sh, "values": values_sh, "opt": opt_sh, "value_opt": value_opt_sh}
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying ``shardings`` (a prefix tree of NamedShardings): restore targets and
+  ahead-of-time compile arguments."""
+  def one(sh, subtree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), subtree)
+  return jax.tree.map(one, shardings, abstract_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The steps of ``StepFns`` jitted for one mesh (``jit_steps``), with the shardings they use.
+
+  init(seed) -> state; train(state, batch) -> (state, metrics), donating the state; eval(state,
+  batch) -> replicated metrics and lookups; logits(state, tokens) -> replicated logits. Evaluation
+  outputs are small and replicated, so every process of a multi-process run can read them.
+  """
+
+  fns: StepFns
+  mesh: Mesh
+  abstract_state: Any
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  init: Any
+  train: Any
+  eval: Any
+  logits: Any
+
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a global batch (for ``.trace(...).lower()``)."""
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch_sharding)
+            for k, dtype in BATCH_DTYPES.items()}
+
+  def abstract_args(self, batch_size: int, seq_len: int):
+    """(state, batch) ShapeDtypeStructs of the train step: nothing allocated."""
+    return with_shardings(self.abstract_state, self.state_sharding), self.abstract_batch(batch_size, seq_len)
+
+
+def jit_steps(fns: StepFns, mesh: Mesh, value_sharding: str) -> Steps:
+  """Jits ``fns`` once for ``mesh``: explicit in/out shardings from the logical axis rules of
+  ``value_sharding``, the state donated to the train step."""
+  rules = sharding.axis_rules(value_sharding)
+  abstract = jax.eval_shape(fns.init, 0)
+  state_sh = state_shardings(fns, abstract, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  return Steps(
+      fns=fns, mesh=mesh, abstract_state=abstract, state_sharding=state_sh, batch_sharding=batch_sh,
+      init=jax.jit(fns.init, out_shardings=state_sh),
+      train=jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                    donate_argnums=0),
+      eval=jax.jit(fns.eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep),
+      logits=jax.jit(fns.logits, in_shardings=(state_sh, rep), out_shardings=rep))
+
+
+def compile_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh_sizes: dict, *, devices=None,
+                       update_chunk_rows: int = UPDATE_CHUNK_ROWS):
+  """The sharded train step, compiled ahead of time from ShapeDtypeStructs (nothing allocated).
+
+  Returns ``(compiled, steps)``: the step is the one the training loop runs (``jit_steps``).
+
+  Example (8 fake CPU devices)::
+
+    compiled, steps = compile_train_step(cfg.model, cfg.train, {"data": 2, "fsdp": 1, "memory": 4})
+    compiled.memory_analysis().temp_size_in_bytes
+  """
+  mesh = sharding.make_mesh(mesh_sizes, devices)
+  steps = jit_steps(make_step_fns(model_cfg, train_cfg, update_chunk_rows=update_chunk_rows), mesh,
+                    model_cfg.memory.value_sharding)
+  with jax.set_mesh(mesh):  # the memory read finds the mesh here (``sharded_memory_read``)
+    compiled = steps.train.trace(*steps.abstract_args(train_cfg.batch_size, train_cfg.seq_len)).lower().compile()
+  return compiled, steps
