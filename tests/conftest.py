@@ -1,7 +1,11 @@
-"""Test-wide JAX settings: implicit rank promotion is an error, so shape bugs fail loudly."""
+"""Test-wide JAX settings: implicit rank promotion is an error, so shape bugs fail loudly.
+
+``tests/multidevice/`` holds tests that need 8 fake CPU devices, which must be configured before JAX
+is imported: ``tests/test_multidevice.py`` runs each of its modules in a fresh pytest process
+(``MEMJAX_MULTIDEVICE=1``), and this process does not collect them.
+"""
 
 import os
-import sys
 
 import jax
 
@@ -15,16 +19,4 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-import pytest
-
-
-@pytest.fixture(params=["jit", "eager"])
-def variant(request):
-  """Runs a test once under ``jax.jit`` and once eagerly (like ``chex.variants(with_jit, without_jit)``)."""
-  if request.param == "jit":
-    return jax.jit
-  return lambda f, **kwargs: f
+collect_ignore = [] if os.environ.get("MEMJAX_MULTIDEVICE") else ["multidevice"]

@@ -8,10 +8,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import _runs  # noqa: E402
-import knowledge  # noqa: E402
+import _runs
+import knowledge
 
 VOCAB = 1024
 

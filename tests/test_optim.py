@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax import train_lib
+from memjax.train.step import make_step_fns
 from memjax.config import LMMemoryConfig, MemoryConfig, ModelConfig, TrainConfig
-from memjax.optim import clip_rows, sparse_adam_init, sparse_adam_update
+from memjax.kernels.xla import distinct_rows
+from memjax.optim import (SparseAdamState, chunked_sparse_adam_update, clip_rows, sparse_adam_init,
+                          sparse_adam_update)
 
 
 def _model_cfg(update, n_keys=16, value_dim=32, shared=True):
@@ -29,8 +31,8 @@ def _batch(seed, b=4, t=12, vocab=32):
 @pytest.mark.parametrize("shared", [True, False])
 def test_sgd_step_is_identical_with_dense_and_sparse_value_gradients(shared):
   tcfg = TrainConfig(steps=10)
-  dense = train_lib.make_step_fns(_model_cfg("dense", shared=shared), tcfg)
-  sparse = train_lib.make_step_fns(_model_cfg("sparse", shared=shared), tcfg)
+  dense = make_step_fns(_model_cfg("dense", shared=shared), tcfg)
+  sparse = make_step_fns(_model_cfg("sparse", shared=shared), tcfg)
   state = dense.init(0)
   batch = _batch(0)
   loss_d, _, gp_d, gv_d = jax.jit(dense.grads)(state, batch)
@@ -42,12 +44,12 @@ def test_sgd_step_is_identical_with_dense_and_sparse_value_gradients(shared):
   flat_values = {tuple(p): v[...] for p, v in nnx.to_flat_state(state["values"])}
   flat_grads = {tuple(p): g[...] for p, g in nnx.to_flat_state(gv_d)}
   assert len(gv_s) == (1 if shared else 2)
-  for path, _ in sparse.pools:
-    table = flat_values[path]
-    rows, row_grads = gv_s["/".join(map(str, path))]
+  for pool in sparse.pools:
+    table = flat_values[pool.path]
+    rows, row_grads = gv_s[pool.key]
     assert int(jnp.sum(rows < table.shape[0])) < table.shape[0]  # really sparse: not every row
     after_sparse = table.at[rows].add(-lr * row_grads, mode="drop")
-    after_dense = table - lr * flat_grads[path]
+    after_dense = table - lr * flat_grads[pool.path]
     np.testing.assert_allclose(after_sparse, after_dense, rtol=1e-6, atol=1e-7)
     assert float(jnp.abs(after_sparse - table).max()) > 0
 
@@ -103,7 +105,7 @@ def test_clip_rows_by_global_norm():
 
 def _temp_bytes(update):
   cfg = _model_cfg(update, n_keys=128, value_dim=64)  # table 16384 x 64 fp32 = 4 MiB
-  fns = train_lib.make_step_fns(cfg, TrainConfig(steps=10))
+  fns = make_step_fns(cfg, TrainConfig(steps=10))
   abstract = jax.eval_shape(fns.init, 0)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(0, b=2, t=8))
   compiled = jax.jit(fns.train_step, donate_argnums=0).trace(abstract, batch).lower().compile()
@@ -126,7 +128,7 @@ def test_compiled_sparse_step_holds_no_table_sized_temporary():
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
 def test_loss_falls_on_a_tiny_run(update):
-  fns = train_lib.make_step_fns(_model_cfg(update), TrainConfig(steps=40, lr=3e-3, warmup_steps=4))
+  fns = make_step_fns(_model_cfg(update), TrainConfig(steps=40, lr=3e-3, warmup_steps=4))
   state = fns.init(0)
   step = jax.jit(fns.train_step, donate_argnums=0)
   batches = [_batch(i % 2) for i in range(40)]
@@ -136,3 +138,26 @@ def test_loss_falls_on_a_tiny_run(update):
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_distinct_rows_numbers_the_rows_in_order():
+  rows = jnp.array([7, 3, 9, 3, 9, 9, 0], jnp.int32)  # 9 = num_slots: padding
+  segment, distinct = distinct_rows(rows, 9, multiple=3)
+  assert distinct.tolist() == [0, 3, 7, 9] + [9] * 5  # size min(7, 10) = 7, rounded up to 9
+  np.testing.assert_array_equal(distinct[segment], rows)
+
+
+def test_chunked_sparse_adam_equals_one_update():
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)
+  state = SparseAdamState(jnp.asarray(rng.normal(size=(40, 6)) ** 2, jnp.float32) * 0.1,
+                          jnp.asarray(rng.normal(size=(40, 6)) ** 2, jnp.float32), jnp.array(3, jnp.int32))
+  rows = jnp.asarray(np.concatenate([rng.permutation(40)[:21], [40, 40, 40]]), jnp.int32)  # 24 = 4 x 6
+  grads = jnp.asarray(rng.normal(size=(24, 6)), jnp.float32)
+  adam = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+  want_t, want_s = sparse_adam_update(table, state, rows, 0.5 * grads, 1e-2, **adam)
+  got_t, got_s = jax.jit(lambda t, s: chunked_sparse_adam_update(
+      t, s, rows, grads, 1e-2, 0.5, chunk_rows=6, **adam))(table, state)
+  for got, want in ((got_t, want_t), (got_s.mu, want_s.mu), (got_s.nu, want_s.nu)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert int(got_s.count) == int(want_s.count) == 4

@@ -1,5 +1,6 @@
 """product_key_topk against brute force over all n^2 slots."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,15 +39,19 @@ def test_matches_brute_force(heads, n, dk, k, seed):
   assert np.all(np.diff(np.asarray(scores), axis=-1) <= 0)
 
 
-def test_index_layout_is_i_times_n_plus_j(variant):
-  # One sub-key per half wins by a margin: slot index must be i * n + j.
-  n, i, j = 10, 3, 7
-  keys = np.zeros((1, 2, n, 2), np.float32)
-  keys[0, 0, i] = [5.0, 0.0]
-  keys[0, 1, j] = [0.0, 5.0]
-  query = np.array([[1.0, 0.0, 0.0, 1.0]], np.float32)[:, None, :]  # [1, H=1, Dk=4]
-  _, idx = variant(lambda q, kk: product_key_topk(q, kk, 1))(query, keys)
-  assert int(idx[0, 0, 0]) == i * n + j
+class IndexLayoutTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_index_layout_is_i_times_n_plus_j(self):
+    # One sub-key per half wins by a margin: slot index must be i * n + j.
+    n, i, j = 10, 3, 7
+    keys = np.zeros((1, 2, n, 2), np.float32)
+    keys[0, 0, i] = [5.0, 0.0]
+    keys[0, 1, j] = [0.0, 5.0]
+    query = np.array([[1.0, 0.0, 0.0, 1.0]], np.float32)[:, None, :]  # [1, H=1, Dk=4]
+    _, idx = self.variant(lambda q, kk: product_key_topk(q, kk, 1))(query, keys)
+    chex.assert_shape(idx, (1, 1, 1))
+    assert int(idx[0, 0, 0]) == i * n + j
 
 
 def test_scores_are_differentiable():

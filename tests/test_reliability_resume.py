@@ -8,60 +8,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
-import jax
+import chex
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
-from memjax import cli
-from memjax.checkpoint import Checkpointer
-from memjax.run_config import config_from_dict
-from memjax.trainer import TrainingError, run, truncate_log
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _raw(data_dir, **train):
-  c = tiny.get_config()
-  c.data.data_dir = str(data_dir)
-  for k, v in train.items():
-    c.train[k] = v
-  return c
-
-
-def _leaves(workdir, step=None):
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = step if step is not None else max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  with ocp.StandardCheckpointer() as c:
-    tree = c.restore(os.path.join(ckpt_dir, str(step), "state"))
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+from helpers import (checkpoint_leaves, checkpoint_tree, logged_losses, orbax_tmp_dirs, records,
+                     start_and_wait_for_records, tiny_config, tiny_raw, train_py)
+from memjax.train import main as cli
+from memjax.train.checkpoint import Checkpointer
+from memjax.train.errors import TrainingError
+from memjax.train.loop import run, truncate_log
 
 
 def _params(workdir, step):
-  with ocp.StandardCheckpointer() as c:
-    tree = c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  return [np.asarray(x) for x in jax.tree.leaves(tree["params"])] + [
-      np.asarray(x) for x in jax.tree.leaves(tree["values"])]
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _losses(workdir):
-  records = [r for r in _records(workdir) if "loss" in r]
-  steps = [int(r["step"]) for r in records]
-  assert len(steps) == len(set(steps)), f"duplicate step records: {steps}"
-  return {int(r["step"]): r["loss"] for r in records}
-
-
-def _tmp_dirs(path):
-  return [n for n in os.listdir(path) if ".orbax-checkpoint-tmp" in n] if os.path.isdir(path) else []
+  tree = checkpoint_tree(workdir, step)
+  return {"params": tree["params"], "values": tree["values"]}
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +40,10 @@ STEPS, EVERY = 12, 2
 
 def test_two_sigkills_then_rerun_equal_an_uninterrupted_run(tmp_path, data_dir):
   reference = tmp_path / "reference"
-  run(config_from_dict(_raw(data_dir, steps=STEPS, checkpoint_every=EVERY, log_every=1)), str(reference),
-      progress=False)
+  run(tiny_config(data_dir, steps=STEPS, checkpoint_every=EVERY, log_every=1), str(reference), progress=False)
   workdir = tmp_path / "killed"
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny.py"),
-         f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", f"--config.train.steps={STEPS}",
-         f"--config.train.checkpoint_every={EVERY}", "--config.train.log_every=1"]
+  cmd = train_py(f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
+                 "--config.train.log_every=1", data_dir=data_dir, workdir=workdir)
   metrics, ckpt_dir = workdir / "metrics.jsonl", workdir / "checkpoints"
 
   # Kill 1: mid-training, once 5 step records are logged (checkpoints 2 and 4 exist, 5 is past them).
@@ -99,23 +61,22 @@ def test_two_sigkills_then_rerun_equal_an_uninterrupted_run(tmp_path, data_dir):
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   caught = False
   while proc.poll() is None and time.time() < deadline:
-    if _tmp_dirs(ckpt_dir):
+    if orbax_tmp_dirs(ckpt_dir):
       proc.kill()
       caught = True
       break
     time.sleep(0.001)
   proc.wait()
   assert caught, "the run ended before a checkpoint write was caught"
-  assert _tmp_dirs(ckpt_dir), "the kill should leave a half-written checkpoint behind"
+  assert orbax_tmp_dirs(ckpt_dir), "the kill should leave a half-written checkpoint behind"
 
   # The same command again: resumes from the last finished checkpoint and completes.
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "resumed from" in out.stdout and f"done: step {STEPS}" in out.stdout
-  assert not _tmp_dirs(ckpt_dir), "the temporary directory of the killed save is cleaned up"
-  assert _losses(workdir) == _losses(reference)  # every step logged once, bit-identical losses
-  for a, b in zip(_leaves(workdir), _leaves(reference), strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert not orbax_tmp_dirs(ckpt_dir), "the temporary directory of the killed save is cleaned up"
+  assert logged_losses(workdir) == logged_losses(reference)  # every step logged once, bit-identical losses
+  chex.assert_trees_all_equal(checkpoint_tree(workdir), checkpoint_tree(reference))
 
 
 def test_truncate_log_keeps_records_up_to_the_restored_step(tmp_path):
@@ -135,21 +96,15 @@ def test_truncate_log_keeps_records_up_to_the_restored_step(tmp_path):
 
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, data_dir):
   workdir = tmp_path / "w"
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny.py"),
-         f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", "--config.train.steps=100000",
-         "--config.train.log_every=1"]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-    time.sleep(0.2)
+  cmd = train_py("--config.train.steps=100000", "--config.train.log_every=1", data_dir=data_dir, workdir=workdir)
+  proc = start_and_wait_for_records(cmd, workdir, 3)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
   assert "received SIGINT" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
   steps = Checkpointer(str(workdir)).all_steps()
   assert steps and steps[-1] >= 3
-  assert max(_losses(workdir)) == steps[-1]  # the log reaches exactly the saved step
+  assert max(logged_losses(workdir)) == steps[-1]  # the log reaches exactly the saved step
 
 
 # ----- damaged checkpoints --------------------------------------------------------------------------
@@ -159,7 +114,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, data_dir):
 def six_steps(tmp_path_factory, data_dir):
   """A finished 6-step run with checkpoints 2, 4, 6."""
   workdir = tmp_path_factory.mktemp("six") / "w"
-  run(config_from_dict(_raw(data_dir, steps=6, checkpoint_every=2)), str(workdir), progress=False)
+  run(tiny_config(data_dir, steps=6, checkpoint_every=2), str(workdir), progress=False)
   assert Checkpointer(str(workdir)).all_steps() == [2, 4, 6]
   return workdir
 
@@ -182,7 +137,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   workdir = tmp_path / "w"
   shutil.copytree(six_steps, workdir)
   damage(str(workdir / "checkpoints" / "6"))
-  code = cli.train_main(_raw(data_dir, steps=8, checkpoint_every=2), str(workdir))
+  code = cli.train_main(tiny_raw(data_dir, steps=8, checkpoint_every=2), str(workdir))
   captured = capsys.readouterr()
   assert code == 0, captured.err
   fallback = [l for l in captured.err.splitlines() if "falling back" in l]
@@ -190,7 +145,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   assert "resumed from" in captured.out and captured.out.split("resumed from")[1].split()[0].endswith("/4")
   assert os.listdir(workdir / "checkpoints.damaged")[0].startswith("6-")  # moved aside, not deleted
   assert Checkpointer(str(workdir)).all_steps()[-1] == 8
-  assert sorted(_losses(workdir)) == [2, 4, 6, 8]  # the replayed steps 5, 6 logged once
+  assert sorted(logged_losses(workdir)) == [2, 4, 6, 8]  # the replayed steps 5, 6 logged once
 
 
 def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path, capsys, six_steps, data_dir):
@@ -198,7 +153,7 @@ def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path, capsys, 
   shutil.copytree(six_steps, workdir)
   for step in (2, 4, 6):
     _garble_metadata(str(workdir / "checkpoints" / str(step)))
-  code = cli.train_main(_raw(data_dir, steps=8), str(workdir))
+  code = cli.train_main(tiny_raw(data_dir, steps=8), str(workdir))
   err = capsys.readouterr().err
   assert code == 1, err
   last = err.strip().splitlines()[-1]
@@ -210,7 +165,7 @@ def test_no_readable_checkpoint_refuses_instead_of_restarting(tmp_path, capsys, 
 def test_an_empty_step_directory_is_not_silently_restarted(tmp_path, capsys, data_dir):
   workdir = tmp_path / "w"
   os.makedirs(workdir / "checkpoints" / "4")  # a step directory with nothing in it
-  code = cli.train_main(_raw(data_dir), str(workdir))
+  code = cli.train_main(tiny_raw(data_dir), str(workdir))
   err = capsys.readouterr().err
   assert code == 1 and "move the workdir aside" in err and "step 4" in err, err
   assert os.path.isdir(workdir / "checkpoints" / "4") and not os.path.exists(workdir / "metrics.jsonl")
@@ -222,9 +177,7 @@ def test_an_empty_step_directory_is_not_silently_restarted(tmp_path, capsys, dat
 def test_resuming_with_another_model_shape_is_refused_naming_the_field(tmp_path, six_steps, data_dir):
   workdir = tmp_path / "w"
   shutil.copytree(six_steps, workdir)
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny.py"),
-         f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", "--config.train.steps=8",
-         "--config.model.dim=48"]
+  cmd = train_py("--config.train.steps=8", "--config.model.dim=48", data_dir=data_dir, workdir=workdir)
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1, out.stderr[-2000:]
   lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
@@ -239,25 +192,24 @@ ABSURD_LR = dict(lr=1e12, warmup_steps=0, checkpoint_every=1, log_every=1)  # st
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, data_dir):
   workdir = tmp_path / "w"
-  code = cli.train_main(_raw(data_dir, steps=4, **ABSURD_LR), str(workdir))
+  code = cli.train_main(tiny_raw(data_dir, steps=4, **ABSURD_LR), str(workdir))
   err = capsys.readouterr().err
   assert code == 1, err
   assert "non-finite loss or gradient at step 2" in err and "Traceback" not in err
   assert Checkpointer(str(workdir)).all_steps() == [1]  # the NaN step was never saved
-  assert all(np.isfinite(x).all() for x in _leaves(workdir, 1))
+  assert all(np.isfinite(x).all() for x in checkpoint_leaves(workdir, 1))
 
 
 def test_nan_policy_skip_keeps_the_params_and_continues(tmp_path, data_dir):
   workdir = tmp_path / "w"
-  cfg = config_from_dict(_raw(data_dir, steps=4, nan_policy="skip", max_checkpoints=10, **ABSURD_LR))
+  cfg = tiny_config(data_dir, steps=4, nan_policy="skip", max_checkpoints=10, **ABSURD_LR)
   result = run(cfg, str(workdir), progress=False)
   assert result.step == 4  # training went on past the non-finite steps
-  skipped = [int(r["step"]) for r in _records(workdir) if r.get("skipped")]
+  skipped = [int(r["step"]) for r in records(workdir) if r.get("skipped")]
   assert 2 in skipped
   for step in skipped:  # a skipped step leaves parameters and values exactly as they were
-    for a, b in zip(_params(workdir, step), _params(workdir, step - 1), strict=True):
-      np.testing.assert_array_equal(a, b)
-  first = next(r for r in _records(workdir) if int(r["step"]) == 1)
+    chex.assert_trees_all_equal(_params(workdir, step), _params(workdir, step - 1))
+  first = next(r for r in records(workdir) if int(r["step"]) == 1)
   assert not first.get("skipped") and first["grad_norm"] > 0  # step 1 did update, so equality is not vacuous
 
 
@@ -274,11 +226,11 @@ def test_a_failed_save_is_reported_and_earlier_checkpoints_stay_restorable(tmp_p
     return real_save(self, step, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-  cfg = config_from_dict(_raw(data_dir, steps=6, checkpoint_every=2))
+  cfg = tiny_config(data_dir, steps=6, checkpoint_every=2)
   with pytest.raises(TrainingError, match=r"checkpoint of step 4 failed \(No space left on device\); earlier"):
     run(cfg, str(workdir), progress=False)
   assert Checkpointer(str(workdir)).all_steps() == [2]
-  assert all(np.isfinite(x).all() for x in _leaves(workdir, 2))
+  assert all(np.isfinite(x).all() for x in checkpoint_leaves(workdir, 2))
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)  # disk freed: the same run resumes
   assert run(cfg, str(workdir), progress=False).step == 6
-  assert sorted(_losses(workdir)) == [2, 4, 6]
+  assert sorted(logged_losses(workdir)) == [2, 4, 6]

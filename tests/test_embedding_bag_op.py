@@ -1,10 +1,12 @@
 """embedding_bag against a numpy reference: forward, both gradients, transformations, dtypes."""
 
+import chex
 import jax
 import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 from memjax import embedding_bag, embedding_bag_reference
@@ -41,16 +43,21 @@ def _inputs(seed, m=13, d=6, lead=(4, 3), bag=5):
   return values, idx, w, dout
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_forward_and_gradients_match_numpy(seed, variant):
-  values, idx, w, dout = _inputs(seed)
-  f = variant(lambda v, i, ww: embedding_bag(v, i, ww, backend="xla"))
-  out, vjp = jax.vjp(lambda v, ww: f(v, idx, ww), values, w)
-  np.testing.assert_allclose(out, _np_forward(values, idx, w), rtol=1e-5, atol=1e-5)
-  dv, dw = vjp(dout)
-  want_dv, want_dw = _np_grads(values, idx, w, dout)
-  np.testing.assert_allclose(dv, want_dv, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+class JitAndEagerTest(chex.TestCase):
+  """The op under ``jax.jit`` and eagerly (``chex.variants``) against numpy."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0, 1, 2)
+  def test_forward_and_gradients_match_numpy(self, seed):
+    values, idx, w, dout = _inputs(seed)
+    f = self.variant(lambda v, i, ww: embedding_bag(v, i, ww, backend="xla"))
+    out, vjp = jax.vjp(lambda v, ww: f(v, idx, ww), values, w)
+    chex.assert_shape(out, (*idx.shape[:-1], values.shape[1]))
+    np.testing.assert_allclose(out, _np_forward(values, idx, w), rtol=1e-5, atol=1e-5)
+    dv, dw = vjp(dout)
+    want_dv, want_dw = _np_grads(values, idx, w, dout)
+    np.testing.assert_allclose(dv, want_dv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
 
 
 def test_check_grads():

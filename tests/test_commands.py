@@ -1,0 +1,45 @@
+"""Every command line of the project answers bad input with one ``error:`` line and exit code 2:
+the benchmark scripts, ``python -m memjax.plan`` and ``python -m memjax.demo`` (``train.py``:
+``test_reliability_cli.py``): an unknown flag and a bad value each; an abbreviated flag is not guessed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, one_error_line, subprocess_env
+
+SCRIPTS = [["benchmarks/data_pipeline.py"], ["benchmarks/embedding_bag.py"], ["benchmarks/kill_soak.py"],
+           ["benchmarks/knowledge.py"], ["benchmarks/scaling.py"], ["benchmarks/step_time.py"],
+           ["benchmarks/plan_check.py", "--config=configs/tiny.py"], ["-m", "memjax.plan", "--config=configs/tiny.py"],
+           ["-m", "memjax.demo"]]
+VALUES = {"benchmarks/data_pipeline.py": ["--repeats=many"], "benchmarks/embedding_bag.py": ["--rounds=many"],
+          "benchmarks/kill_soak.py": ["--kills=many"], "benchmarks/knowledge.py": ["--steps=many"],
+          "benchmarks/scaling.py": ["--steps=many"], "benchmarks/step_time.py": ["--repeats=many"],
+          "benchmarks/plan_check.py": ["--devices=many"], "memjax.plan": ["--mesh", "data=x"],
+          "memjax.demo": ["--n_keys=many"]}
+
+
+def _run(args):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
+                        env=subprocess_env(JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s[-1] if s[0] != "-m" else s[1])
+def test_unknown_flags_exit_2_with_one_line(script):
+  out = _run(script + ["--no_such_flag=1"])
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert "--no_such_flag" in one_error_line(out.stderr)
+
+
+def test_abbreviated_flags_are_not_guessed():
+  out = _run(["benchmarks/step_time.py", "--rep=2"])  # argparse would take it for --repeats
+  assert out.returncode == 2 and "--rep" in one_error_line(out.stderr)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s[-1] if s[0] != "-m" else s[1])
+def test_bad_values_exit_2_with_one_line(script):
+  name = script[1] if script[0] == "-m" else script[0]
+  out = _run(script + VALUES[name])
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert "many" in one_error_line(out.stderr) or "data=x" in out.stderr

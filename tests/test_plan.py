@@ -1,0 +1,60 @@
+"""The planner (``memjax.plan``): shards follow the mode, parameter counts match the formulas, and its
+CLI prints a plan for the paper-size configs. (Its agreement with XLA's ``memory_analysis`` is checked
+on 8 fake devices in ``multidevice/test_plan.py``.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import CONFIGS, REPO, one_error_line
+from memjax.scale import plan
+
+
+def test_parse_mesh():
+  assert plan.parse_mesh("data=2,memory=4") == {"data": 2, "fsdp": 1, "memory": 4}
+  with pytest.raises(ValueError, match="tensor=2"):
+    plan.parse_mesh("tensor=2")
+
+
+def test_value_table_shards_follow_the_mode():
+  cfg = plan.load_config(os.path.join(CONFIGS, "paper_373m.py"))
+  full = plan.parameter_shards(cfg.model, {"data": 8, "fsdp": 1, "memory": 1})
+  col = plan.parameter_shards(cfg.model, {"data": 2, "fsdp": 1, "memory": 4})
+  assert full["values"] == cfg.model.memory.layer.value_params() == 1024**2 * 1024
+  assert col["values"] == full["values"] // 4
+  assert full["params"] + full["values"] == cfg.model.param_counts()["total"]
+
+
+def test_cli_prints_the_8b_plan():
+  out = subprocess.run([sys.executable, "-m", "memjax.plan", "--config=configs/paper_8b.py",
+                        "--mesh", "data=16,fsdp=4,memory=4", "--json"], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  p = json.loads(out.stdout)
+  assert p["devices"] == 256 and p["parameters_bytes"] > 0 and p["comm_total_bytes_per_step"] > 0
+
+
+def test_cli_overrides_change_the_plan(capsys):
+  base = ["--config", os.path.join(CONFIGS, "paper_373m.py"), "--mesh", "data=8", "--json"]
+  assert plan.main(base) == 0
+  default = json.loads(capsys.readouterr().out)
+  assert plan.main(base + ["--config.train.batch_size=128"]) == 0
+  doubled = json.loads(capsys.readouterr().out)
+  assert doubled["tokens_per_device"] == 2 * default["tokens_per_device"]
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--config=configs/paper_373m.py", "--mesh", "tensor=2"], "tensor=2"),
+    (["--config=configs/no_such.py"], "no_such.py"),
+    (["--mesh", "data=2"], "--config"),
+    (["--config=configs/paper_373m.py", "--config.train.stepz=3"], "--config.train.stepz"),
+    (["--config=configs/paper_373m.py", "--jsn"], "--jsn"),
+], ids=["bad-mesh", "missing-config", "no-config", "unknown-field", "unknown-flag"])
+def test_cli_bad_input_exits_2_with_one_line(argv, field):
+  out = subprocess.run([sys.executable, "-m", "memjax.plan", *argv], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert field in one_error_line(out.stderr)
