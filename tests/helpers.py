@@ -81,12 +81,19 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def checkpoint_tree(workdir, step: int | None = None):
-  """The saved train state of ``step`` (default: the newest) as a tree of numpy arrays."""
+  """The saved train state of ``step`` (default: the newest) as a tree of numpy arrays, whatever mesh
+  or number of processes wrote it."""
+  import logging
+
   import orbax.checkpoint as ocp
   step = checkpoint_steps(workdir)[-1] if step is None else step
-  with ocp.StandardCheckpointer() as c:
-    tree = c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  return jax.tree.map(np.asarray, tree)
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  logging.getLogger("absl").setLevel(logging.ERROR)  # "metadata file does not exist" for a subdirectory item
+  with ocp.PyTreeCheckpointer() as c:
+    meta = c.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return c.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
 
 
 def checkpoint_leaves(workdir, step: int | None = None) -> list[np.ndarray]:

@@ -134,7 +134,12 @@ def restore_latest_good(ckpt: Checkpointer, cfg: Config, abstract_state):
   corrupted files) is reported on stderr; once an older step restores, the newer unreadable ones are
   moved to ``checkpoints.damaged/``. If no step is readable, or numbered directories exist that Orbax
   does not recognise, the run is refused rather than silently restarted from step 0.
+
+  With several processes every decision is agreed: a step counts as readable only if it restored on
+  every process (each reads its own shards, so a damaged file may fail on one process alone), and
+  all processes fall back to the same step.
   """
+  from memjax.train import distributed
   steps = ckpt.all_steps()
   stray = ckpt.stray_step_dirs()
   if not steps:
@@ -157,8 +162,11 @@ def restore_latest_good(ckpt: Checkpointer, cfg: Config, abstract_state):
                             f"shapes (checkpoint step {step}); differing fields: " + "; ".join(diff))
     try:
       state, data_state, _ = ckpt.restore(abstract_state, step)
+      error = None
     except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception on damaged files
-      damaged.append((step, first_line(e)))
+      error = first_line(e)
+    if not distributed.agree(error is None):
+      damaged.append((step, error or "unreadable on another process"))
       print(f"warning: checkpoint step {step} is unreadable ({damaged[-1][1]})", file=sys.stderr, flush=True)
       continue
     for bad, _ in damaged:

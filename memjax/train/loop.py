@@ -36,6 +36,7 @@ from memjax import sharding
 from memjax.config import Config, ConfigError
 from memjax.config_bridge import config_to_dict
 from memjax.train.checkpoint import Checkpointer, export_params, restore_latest_good
+from memjax.train import distributed
 from memjax.train.errors import Interrupted, TrainingError
 from memjax.train.evaluate import evaluate, global_batch
 from memjax.train.step import jit_steps, make_step_fns, with_shardings
@@ -128,8 +129,17 @@ class RunResult:
   workdir: str
 
 
-def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | None = None) -> RunResult:
+PROCESS_COUNT_CHANGE = ("refuse", "restart_data")
+
+
+def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | None = None,
+        process_count_change: str = "refuse") -> RunResult:
   """Trains (or resumes) ``cfg`` in ``workdir`` until ``cfg.train.steps`` (or ``max_steps`` this call).
+
+  Resuming a checkpoint written by another number of processes: ``process_count_change="refuse"``
+  raises ``ConfigError`` (the data position of each process cannot be carried over exactly);
+  ``"restart_data"`` restores the model and optimizer exactly and restarts every process's data
+  iterator at the beginning of its new shard (``train.py --reshard_data``).
 
   The mesh is set with ``jax.set_mesh`` for the whole run, so memory reads run under
   ``jax.shard_map`` (each device reads only its part of the value table; see ``sharded_memory_read``).
@@ -138,12 +148,43 @@ def run(cfg: Config, workdir: str, *, progress: bool = True, max_steps: int | No
     >>> from memjax.config_bridge import config_from_dict, load_config_file   # doctest: +SKIP
     >>> run(config_from_dict(load_config_file("configs/tiny.py")), "runs/tiny")  # doctest: +SKIP
   """
+  if process_count_change not in PROCESS_COUNT_CHANGE:
+    raise ValueError(f"process_count_change={process_count_change!r}; allowed: {list(PROCESS_COUNT_CHANGE)}")
   mesh = sharding.make_mesh(cfg.mesh.resolve(jax.device_count()))
   with jax.set_mesh(mesh):
-    return _run(cfg, workdir, mesh, progress=progress, max_steps=max_steps)
+    return _run(cfg, workdir, mesh, progress=progress, max_steps=max_steps,
+                process_count_change=process_count_change)
 
 
-def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | None) -> RunResult:
+def restore_data_position(pipe, saved, nproc: int, pidx: int, *, step: int, directory: str,
+                          process_count_change: str) -> None:
+  """Sets this process's data iterator to its saved position.
+
+  ``saved`` is the checkpoint's ``data`` item: ``{"process_count": n, "states": [one per process]}``
+  (or, from checkpoints of memjax before it saved every process's state, one bare state: valid for
+  one process only).
+  """
+  if isinstance(saved, dict) and "states" in saved:
+    states = saved["states"]
+  else:
+    states = [saved] if nproc == 1 else None
+  if states is not None and len(states) == nproc:
+    pipe.train.set_state(states[pidx])
+    return
+  was = len(states) if states is not None else "several (an older checkpoint that kept process 0's only)"
+  if process_count_change == "refuse":
+    raise ConfigError("--num_processes", "", nproc,
+                      f"differs from checkpoint step {step} in {directory}, written by {was} processes: each "
+                      "process's data position cannot be carried over exactly. Restart with the same number of "
+                      "processes, or pass --reshard_data to restart the data iterators (model and optimizer "
+                      "restore exactly)")
+  print(f"warning: checkpoint step {step} was written by {was} processes, this run has {nproc}: model and "
+        "optimizer restored exactly; every process's data iterator restarts at the beginning of its new shard",
+        file=sys.stderr, flush=True)
+
+
+def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | None,
+         process_count_change: str) -> RunResult:
   from memjax.data import make_pipeline
 
   workdir = os.path.abspath(workdir)
@@ -160,6 +201,11 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
   created = not os.path.exists(workdir)
   check_workdir(workdir)
   try:
+    if nproc > 1:  # process 0 prepares the data (once, into a shared data_dir) before the others read it
+      if pidx == 0:
+        from memjax.data.pipeline import prepare_data, tokenizer_for
+        tokenizer_for(cfg.data, prepare_data(cfg.data))
+      distributed.barrier("memjax_data_prepared")
     pipe = make_pipeline(cfg.data, seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
                          qa_jsonl=cfg.eval.qa_jsonl, process_index=pidx, process_count=nproc)
   except ValueError:  # bad data input (DataError): leave no trace of a workdir this run created
@@ -179,7 +225,12 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
   if restored is not None:
     start, state, data_state = restored
     if data_state is not None:
-      pipe.train.set_state(data_state)
+      try:
+        restore_data_position(pipe, data_state, nproc, pidx, step=start, directory=ckpt.directory,
+                              process_count_change=process_count_change)
+      except BaseException:
+        ckpt.close()
+        raise
     print(f"resumed from {ckpt.directory}/{start}", flush=True)
   else:
     start = 0
@@ -188,9 +239,16 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     truncate_log(os.path.join(workdir, "metrics.jsonl"), start, drop_final_eval=start >= tc.steps)
   logger = _Logger(workdir, enabled=(pidx == 0), start=start)
 
+  saved: list[int] = []
+
   def save(step_now: int, state_now) -> None:
+    if saved and saved[-1] == step_now:  # e.g. a stop request at a checkpoint step: saved already
+      return
+    saved.append(step_now)
     try:
-      ckpt.save(step_now, state_now, data_state=pipe.train.get_state(), config=config_json)
+      # Every process's own data position (each reads its own shard): gathered, saved by process 0.
+      states = distributed.allgather_json(pipe.train.get_state())
+      ckpt.save(step_now, state_now, data_state={"process_count": nproc, "states": states}, config=config_json)
     except Exception as e:  # Orbax may wrap the OSError (disk full, permissions) of a failed write
       cause = _os_error_in(e)
       if cause is None:
@@ -205,7 +263,9 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
 
   old_handlers = {}
-  if threading_is_main():
+  # Several processes stop together: JAX's preemption sync manager (SIGTERM to any of them, and
+  # SIGINT, which ``distributed`` turns into SIGTERM) names one step for all; see ``stop_requested``.
+  if threading_is_main() and nproc == 1:
     for sig in (signal.SIGTERM, signal.SIGINT):
       old_handlers[sig] = signal.signal(sig, on_signal)
 
@@ -242,11 +302,12 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
           last = _handle_metrics(pending, tc, logger, bar)
           pending = None
         save(done, state)
-      if received:
+      stop = received[0] if received else (distributed.stop_requested(done) if nproc > 1 else None)
+      if stop is not None:
         if pending is not None:
           last = _handle_metrics(pending, tc, logger, bar)
         save(done, state)
-        raise Interrupted(received[0], done)
+        raise Interrupted(stop, done)
     if pending is not None:
       last = _handle_metrics(pending, tc, logger, bar)
     final_step = int(jax.device_get(state["step"]))

@@ -8,7 +8,10 @@ Multi-process (one process per host; see docs/scale-out.md):
   python train.py --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
   python train.py --distributed ...          # TPU pod slices / SLURM / Kubernetes: auto-detected
 
-Re-running the same command resumes from the workdir's latest checkpoint.
+Re-running the same command resumes from the workdir's latest checkpoint. With several processes,
+SIGTERM or SIGINT to any of them stops all at the same step with one checkpoint; a process that dies
+(kill -9, OOM, a lost host) ends the others within ``--lost_process_timeout`` seconds with exit code 1
+and one line naming it (``memjax.train.distributed``); restarting every process resumes exactly.
 
 Exit codes: 0 finished; 1 the run cannot continue (``TrainingError``: non-finite loss, failed save,
 unreadable or mismatched checkpoints; or an ``OSError`` from the environment); 2 bad input (a flag,
@@ -49,6 +52,12 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
                   "pod slices, SLURM, Open MPI, Kubernetes); implied by --coordinator_address.", flag_values=FLAGS)
 flags.DEFINE_integer("num_cpu_devices", None, "Fake CPU devices in this process (testing multi-device runs on one "
                      "host).", flag_values=FLAGS)
+flags.DEFINE_float("lost_process_timeout", 30.0, "Multi-process runs: seconds without a heartbeat after which a "
+                   "process counts as lost; the others then exit with code 1 and one line naming it.",
+                   flag_values=FLAGS)
+flags.DEFINE_bool("reshard_data", False, "Resume a checkpoint written by another number of processes: restore the "
+                  "model and optimizer exactly and restart the data iterators (without it such a resume is "
+                  "refused).", flag_values=FLAGS)
 
 _CONFIG_PREFIX = "--config."
 
@@ -111,38 +120,53 @@ def init_distributed() -> None:
     if FLAGS.num_cpu_devices < 1:
       raise UsageError(f"--num_cpu_devices={FLAGS.num_cpu_devices} must be a positive int")
     jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
-  if given:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
-  elif FLAGS.distributed:
-    jax.distributed.initialize()
+  if not FLAGS.lost_process_timeout > 0:
+    raise UsageError(f"--lost_process_timeout={FLAGS.lost_process_timeout} must be a positive number of seconds")
+  if given or FLAGS.distributed:
+    from memjax.train import distributed
+    distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                           process_id=FLAGS.process_id, auto=not given, lost_after=FLAGS.lost_process_timeout)
 
 
-def train_main(raw_config, workdir: str) -> int:
+def train_main(raw_config, workdir: str, *, reshard_data: bool = False) -> int:
   """Validates ``raw_config`` (a ConfigDict or nested dict), trains in ``workdir``; returns the exit code."""
+  import jax
+
   from memjax.data.errors import DataError
+  from memjax.train import distributed
   from memjax.train.errors import Interrupted, TrainingError
   from memjax.train.loop import run
 
+  def fail(message: str, code: int) -> int:
+    if distributed.multi_process():  # a normal exit would wait for peers stuck in a collective with us
+      distributed.end_after_error(message, code)
+    print(message, file=sys.stderr)
+    return code
+
   try:
     cfg = config_from_dict(raw_config)
-    result = run(cfg, workdir)
+    result = run(cfg, workdir, process_count_change="restart_data" if reshard_data else "refuse")
   except (ConfigError, DataError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
+    return fail(f"error: {str(e).splitlines()[0]}", 2)
   except TrainingError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return fail(f"error: {e}", 1)
   except Interrupted as e:
+    distributed.shutdown_watchdog()  # every process stops at this step: the peers are exiting too
     print(str(e), file=sys.stderr)
     return e.code
   except KeyboardInterrupt:  # before the loop's handlers are installed (data preparation, compiling)
-    print("interrupted before training started: nothing to save", file=sys.stderr)
-    return 128 + signal.SIGINT
+    return fail("interrupted before training started: nothing to save", 128 + signal.SIGINT)
   except OSError as e:  # the environment, not the code: disk full, permissions, a vanished path
     where = f": {e.filename}" if getattr(e, "filename", None) else ""
-    print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-    return 1
+    return fail(f"error: {e.strerror or e}{where}", 1)
+  except jax.errors.JaxRuntimeError as e:
+    if not distributed.multi_process():
+      raise
+    # A collective failed: most likely a peer died. Its watchdog verdict names it and ends this
+    # process; if none comes, say what failed.
+    distributed.wait_for_verdict()
+    return fail(f"error: a collective with the other processes failed ({' '.join(str(e).split())[:200]})", 1)
+  distributed.shutdown_watchdog()
   m = result.metrics
   summary = [f"step {result.step}"]
   for key in ("loss", "val_loss", "qa_exact_match", "qa_chance", "kl", "used"):
@@ -169,9 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl's global flags
     flags.FLAGS.mark_as_parsed()
-  return train_main(raw, FLAGS.workdir)
+  return train_main(raw, FLAGS.workdir, reshard_data=FLAGS.reshard_data)
 
 
 def cli() -> None:
-  """Entry point of ``train.py``."""
+  """Entry point of ``train.py`` (a multi-process run's worker runs under ``supervise``)."""
+  from memjax.train import supervise
+  if supervise.needed(sys.argv):
+    sys.exit(supervise.supervise(sys.argv))
+  supervise.die_with_parent()
   sys.exit(main())
+
+
+if __name__ == "__main__":  # the supervised worker: python -m memjax.train.main ...
+  cli()

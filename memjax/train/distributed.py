@@ -1,0 +1,196 @@
+"""Several processes, one run: start-up, stopping together, and losing a process.
+
+On pods one process is preempted or crashes while the others are inside a collective. This module
+makes that a clean, bounded event:
+
+``initialize(...)``
+    ``jax.distributed.initialize`` with a bounded start-up (``initialization_timeout``) and with the
+    coordination service's own heartbeat check moved out of the way (it aborts the survivors with a
+    fatal-error stack dump, and its callback is not usable from Python); then starts the
+    ``Watchdog``.
+``Watchdog``
+    Every process bumps its counter in the coordination service's key-value store every
+    ``HEARTBEAT_SECONDS``. A peer whose counter stops moving for ``lost_after`` seconds, or a store
+    that cannot be reached (process 0 hosts it: it is gone), is a lost process. The watchdog then
+    prints one line naming it and ends this process with exit code 1 at once (``os._exit``: the
+    survivor would otherwise wait inside a collective, an Orbax barrier or the shutdown barrier).
+    A checkpoint being written is never finalised by a survivor (Orbax finalises a step only after
+    every process wrote its part), so restarting every process resumes from the newest complete one.
+``stop_requested(step)``
+    True at the same step on every process once any of them received SIGTERM (JAX's preemption
+    sync manager) or SIGINT: all stop at one step and save one checkpoint together.
+``allgather_json(obj)`` / ``agree(flag)``
+    Every process's JSON value (its data-iterator state), and whether a flag holds on all processes
+    (a checkpoint restored everywhere), so that processes never act on different decisions.
+
+Single-process runs use none of it (every function is a no-op or the identity there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+HEARTBEAT_SECONDS = 1.0
+LOST_AFTER_SECONDS = 30.0  # default bound on how long a survivor waits for a silent peer
+INIT_TIMEOUT_SECONDS = 120
+# The coordination service's own heartbeat check would abort every survivor (SIGABRT, stack dump);
+# with a day, the Watchdog decides first.
+_SERVICE_HEARTBEAT_SECONDS = 24 * 3600
+_KEY = "memjax/alive/{}"
+
+_watchdog: "Watchdog | None" = None
+_sigint = threading.Event()
+
+
+def _client():
+  from jax._src import distributed  # the coordination-service client jax.distributed holds
+  return distributed.global_state.client
+
+
+def _say_and_exit(message: str, code: int = 1) -> None:
+  try:
+    sys.stdout.flush()
+  finally:
+    os.write(2, (message.rstrip() + "\n").encode())
+    os._exit(code)
+
+
+class Watchdog(threading.Thread):
+  """Detects a lost process through heartbeats in the coordination service's key-value store."""
+
+  def __init__(self, process_index: int, process_count: int, lost_after: float):
+    super().__init__(name="memjax-watchdog", daemon=True)
+    self.process_index, self.process_count, self.lost_after = process_index, process_count, lost_after
+    self._stop_event = threading.Event()
+    self.lost: tuple[int, str] | None = None
+
+  def _lose(self, peer: int, why: str) -> None:
+    self.lost = (peer, why)
+    _say_and_exit(f"error: process {peer} of {self.process_count} was lost ({why}); process {self.process_index} "
+                  "stops without saving. Restart every process with the same command: the run resumes from the "
+                  "newest checkpoint all processes finished")
+
+  def run(self) -> None:
+    client = _client()
+    seen: dict[int, tuple[str, float]] = {}
+    started = time.monotonic()
+    beat = 0
+    while not self._stop_event.wait(HEARTBEAT_SECONDS if beat else 0):
+      beat += 1
+      try:
+        client.key_value_set(_KEY.format(self.process_index), str(beat), allow_overwrite=True)
+      except Exception as e:  # noqa: BLE001 - the service (process 0) is gone
+        if self._stop_event.is_set():
+          return
+        self._lose(0, f"the coordination service on process 0 stopped answering: {' '.join(str(e).split())[:120]}")
+      now = time.monotonic()
+      for peer in range(self.process_count):
+        if peer == self.process_index:
+          continue
+        try:
+          value = client.key_value_try_get(_KEY.format(peer))
+        except Exception:  # noqa: BLE001 - not written yet (a peer still starting) or gone
+          value = None
+        last = seen.get(peer)
+        if value is not None and (last is None or last[0] != value):
+          seen[peer] = (value, now)
+        elif now - (last[1] if last else started) > self.lost_after:
+          self._lose(peer, f"no heartbeat for {self.lost_after:.0f} s")
+
+  def stop(self) -> None:
+    self._stop_event.set()
+
+
+def initialize(*, coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+               auto: bool = False, lost_after: float = LOST_AFTER_SECONDS,
+               init_timeout: int = INIT_TIMEOUT_SECONDS) -> None:
+  """``jax.distributed.initialize`` (explicit arguments, or ``auto``-detected on TPU pods, SLURM, ...),
+  then the ``Watchdog``; a process that does not connect within ``init_timeout`` seconds ends the
+  others with one line and exit code 1."""
+  global _watchdog
+  import jax
+  kwargs = dict(initialization_timeout=init_timeout, heartbeat_timeout_seconds=_SERVICE_HEARTBEAT_SECONDS)
+  if not auto:
+    kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # noqa: BLE001 - a peer never came up, or the coordinator is unreachable
+    _say_and_exit(f"error: the {num_processes or 'other'} processes of this run did not all connect within "
+                  f"{init_timeout} s ({' '.join(str(e).split())[:160]}); start every process with the same command")
+  if jax.process_count() > 1:
+    _watchdog = Watchdog(jax.process_index(), jax.process_count(), lost_after)
+    _watchdog.start()
+    # SIGINT (Ctrl-C on one host) becomes a stop request like SIGTERM: the preemption sync manager
+    # then stops every process at the same step.
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _on_sigint(signum, frame) -> None:
+  _sigint.set()
+  signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+  os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier listens for SIGTERM
+
+
+def multi_process() -> bool:
+  import jax
+  return jax.process_count() > 1
+
+
+def stop_requested(step: int) -> int | None:
+  """The signal that stops the run at ``step`` on every process (the same step everywhere), else None.
+
+  Call it once per step, with increasing steps, on every process."""
+  from jax.experimental import multihost_utils
+  if multihost_utils.reached_preemption_sync_point(step):
+    return signal.SIGINT if _sigint.is_set() else signal.SIGTERM
+  return None
+
+
+def shutdown_watchdog() -> None:
+  """Stops the heartbeats before a clean exit (the others then finish their own steps)."""
+  if _watchdog is not None:
+    _watchdog.stop()
+
+
+def wait_for_verdict() -> None:
+  """Waits as long as the watchdog needs to name a lost process (it then ends this process)."""
+  time.sleep((_watchdog.lost_after if _watchdog else LOST_AFTER_SECONDS) + 2 * HEARTBEAT_SECONDS)
+
+
+def end_after_error(message: str, code: int) -> None:
+  """Ends a multi-process run's process after an error: the message, then ``os._exit(code)``. A normal
+  exit would wait in the shutdown barrier for peers that are stuck in a collective with this one; its
+  silence tells their watchdogs that it is gone."""
+  _say_and_exit(message, code)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (a no-op on one process)."""
+  if multi_process():
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def allgather_json(obj) -> list:
+  """Every process's JSON-able ``obj``, in process order (``[obj]`` on one process)."""
+  if not multi_process():
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int32)).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def agree(flag: bool) -> bool:
+  """True when ``flag`` is True on every process (``flag`` itself on one process)."""
+  return all(allgather_json(bool(flag)))

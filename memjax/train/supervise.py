@@ -1,0 +1,103 @@
+"""A multi-process run's ``train.py`` process watches its worker, so that losing the coordinator is a line.
+
+When process 0 (which hosts JAX's coordination service) dies, the client in every other process
+aborts at once from C++ (``LOG(FATAL)``: SIGABRT, exit 134, a stack dump), before any Python code
+can run, and JAX offers no Python hook for it. So with several processes ``train.py`` runs the
+training in a child process (``python -m memjax.train.main``, the same flags) and:
+
+* passes the child's stdout through untouched, and its stderr line by line, holding back the
+  coordination service's own log lines; when the child reports that the coordination service is
+  gone, the rest (the stack dump) is dropped and one line is printed instead, exit code 1;
+* forwards SIGTERM and SIGINT to the child (JAX's preemption sync manager then stops every process
+  at the same step);
+* exits with the child's exit code otherwise (128 + n if a signal n ended it).
+
+The child dies with its parent (``PR_SET_PDEATHSIG`` on Linux), so ``kill -9`` of ``train.py`` is
+the loss of that process, as on a real host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+ENV = "MEMJAX_SUPERVISED_BY"
+# glog lines of the coordination client and service (held back; printed unless a fatal follows).
+_GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (coordination_service\S*|client\.h|preemption\S*|"
+                   r"distributed\S*):\d+\]")
+_CONTINUATION = ("Additional GRPC error", ":UNKNOWN:", ":", " ", "\t", "*** ")
+_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+
+
+def needed(argv: list[str]) -> bool:
+  """Whether a ``train.py`` command line runs several processes (and is not the supervised child)."""
+  if os.environ.get(ENV):
+    return False
+  return any(a.startswith(("--coordinator_address", "--num_processes")) or a in ("--distributed", "--distributed=true")
+             for a in argv[1:])
+
+
+def die_with_parent() -> None:
+  """In the supervised child: be killed when ``train.py`` (the parent) dies, whatever kills it."""
+  parent = os.environ.get(ENV)
+  if not parent:
+    return
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: fall back to polling the parent
+    def watch():
+      while os.getppid() == int(parent):
+        threading.Event().wait(1.0)
+      os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+    return
+  if os.getppid() != int(parent):  # the parent died before prctl took effect
+    os._exit(1)
+
+
+def _process_id(argv: list[str]) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--process_id="):
+      return a.split("=", 1)[1]
+    if a == "--process_id" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def supervise(argv: list[str]) -> int:
+  """Runs ``argv``'s training in a child process; returns the exit code for ``train.py``."""
+  child = subprocess.Popen([sys.executable, "-m", "memjax.train.main", *argv[1:]], stderr=subprocess.PIPE,
+                           env={**os.environ, ENV: str(os.getpid())})
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+  held: list[bytes] = []
+  fatal = False
+  err = sys.stderr.buffer
+  for line in iter(child.stderr.readline, b""):
+    if fatal:
+      continue
+    text = line.decode("utf-8", "replace")
+    if _FATAL in text:
+      fatal, held = True, []
+      continue
+    if _GLOG.match(text) or (held and text.startswith(_CONTINUATION)):
+      held.append(line)  # a coordination log line, or the continuation of one
+      continue
+    err.writelines(held + [line])
+    held = []
+    err.flush()
+  code = child.wait()
+  if fatal:
+    print(f"error: process 0, which hosts the coordination service, was lost; process {_process_id(argv)} stops "
+          "without saving. Restart every process with the same command: the run resumes from the newest checkpoint "
+          "all processes finished", file=sys.stderr, flush=True)
+    return 1
+  err.writelines(held)
+  err.flush()
+  return code if code >= 0 else 128 - code
