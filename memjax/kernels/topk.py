@@ -67,7 +67,17 @@ def _product_topk_ffi(s1, s2, k: int):
       # Rows are independent and the kernel takes any leading shape, so a vmapped call is one call
       # on operands broadcast to the batch shape.
       vmap_method="broadcast_all")
-  return call(s1, s2, k=k)
+  # Inside shard_map with check_vma, the results vary over the mesh axes the operands vary over.
+  axes = tuple(sorted(jax.typeof(s1).manual_axis_type.varying | jax.typeof(s2).manual_axis_type.varying))
+  if not axes:
+    return call(s1, s2, k=k)
+  s1, s2 = (_varying(x, axes) for x in (s1, s2))
+  return tuple(jax.lax.pcast(x, axes, to="varying") for x in call(s1, s2, k=k))
+
+
+def _varying(x, axes):
+  missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def product_topk_from_scores(s1, s2, k: int, *, backend: str = "auto"):
