@@ -92,6 +92,17 @@ def test_special_values_follow_xla_order():
 
 
 @needs_kernel
+def test_a_sum_of_two_nans_keeps_the_first():
+  # top1 = [+NaN, 0], top2 = [1, -NaN]: (0, 1) = +NaN + -NaN = +NaN ties (0, 0) = +NaN + 1 and wins
+  # over (1, 0) = 1; were it -NaN, (1, 0) would be second. Jitted XLA agrees.
+  s1, s2 = np.array([[np.nan, 0.0]], np.float32), np.array([[-np.nan, 1.0]], np.float32)
+  kernel, xla = _both(s1, s2, 2)
+  _assert_same(kernel, xla)
+  assert kernel[1].tolist() == [[0, 0]] and kernel[2].tolist() == [[1, 0]]
+  assert _bits(kernel[0]).tolist() == [[0x7FC00000, 0x7FC00000]]
+
+
+@needs_kernel
 @pytest.mark.parametrize("n,k", [(16, 4), (16, 16), (40, 8), (7, 1), (64, 32)])
 def test_kernel_equals_xla_with_nan_inf_zeros_and_denormals(n, k):
   special = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39,
@@ -254,3 +265,27 @@ def test_halves_of_different_shapes_are_refused():
     topk.product_topk_from_scores(jnp.zeros((3, 10)), jnp.zeros((3, 11)), 2)
   with pytest.raises(ValueError, match="backend='cuda'"):
     product_key_topk(jnp.zeros((2, 8)), jnp.zeros((2, 2, 4, 4)), 2, backend="cuda")
+
+
+@needs_kernel
+def test_portable_build_equals_xla():
+  # The library as built where -march=native fails (no AVX-512 paths; the compiler's own choices),
+  # cached like cpu.py's builds: compiled once per source version.
+  import ctypes
+  cxx = cpu._compiler()
+  path = cpu._library_path(cxx, cpu._BASE_FLAGS)
+  if not path.exists():
+    assert cpu._compile(cxx, cpu._BASE_FLAGS, path) is None
+  lib = ctypes.CDLL(str(path))
+  jax.ffi.register_ffi_target("memjax_product_topk_portable", jax.ffi.pycapsule(lib.MemjaxProductTopK),
+                              platform="cpu")
+  rng = np.random.default_rng(0)
+  special = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 1.0, -1.0], np.float32)
+  for n, k in [(256, 32), (37, 1), (33, 33), (1000, 70), (17, 5)]:
+    halves = [np.concatenate([rng.standard_normal((20, n)).astype(np.float32),  # random, ties, specials
+                              rng.integers(-2, 3, (20, n)).astype(np.float32), rng.choice(special, (20, n))])
+              for _ in range(2)]
+    out = [jax.ShapeDtypeStruct((60, k), dtype) for dtype in (jnp.float32, jnp.int32, jnp.int32)]
+    call = jax.ffi.ffi_call("memjax_product_topk_portable", out)
+    _assert_same(jax.jit(lambda a, b: call(a, b, k=k))(*halves),
+                 jax.jit(topk.product_topk_xla, static_argnums=2)(*halves, k))

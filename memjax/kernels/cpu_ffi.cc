@@ -524,7 +524,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagRowGrads, BagRowGrads,
 //     (NaNs ordered by payload), i.e. the integers OrderKey below;
 //   * ties: lower position first (in a half: the position in s; in the grid: a * k + b).
 // A candidate's Rank packs both into one integer, smaller = better: ~key << 32 | position, and the
-// grid position a * k + b is encoded as a << 16 | b, which orders the same (b < k <= 2^16).
+// grid position a * k + b is encoded as a << 16 | b, which orders the same (b < k <= 2^16). A sum of
+// two NaNs keeps the first (AddNaNFirst), as jitted XLA does here (eager XLA does not always).
 //
 // Half top-k, O(n): a histogram of the keys' top 11 bits (sign, exponent, 2 mantissa bits) gives the
 // digit of the k-th best key; the keys of that digit or above are the candidates (for Gaussian-like
@@ -544,6 +545,21 @@ inline uint32_t OrderKey(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// fp32 x + y where a NaN operand propagates (quietened), the first one if both are: the rule of x86
+// and ARM adds, and what XLA's fused add gives here. Written out because a compiler may commute x + y.
+inline float AddNaNFirst(float x, float y) {
+  const auto quiet = [](float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    bits |= 0x00400000u;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  };
+  if (std::isnan(x)) return quiet(x);
+  if (std::isnan(y)) return quiet(y);
+  return x + y;
 }
 
 inline uint64_t Rank(uint32_t key, uint32_t pos) { return (static_cast<uint64_t>(~key) << 32) | pos; }
@@ -644,7 +660,7 @@ void GridTopK(const float* v1, const float* v2, int64_t k, TopKScratch& w, uint6
     int64_t m = 0;
     for (int64_t a = 0; a < k; ++a)
       for (int64_t b = 0; b < k; ++b) {
-        f[m++] = rank(a, b);
+        f[m++] = Rank(OrderKey(AddNaNFirst(v1[a], v2[b])), static_cast<uint32_t>((a << 16) | b));
         if (m == 2 * k) m = KeepBest(f, m, k);
       }
     m = KeepBest(f, m, k);
@@ -706,7 +722,7 @@ ffi::Error ProductTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s1, ffi::Buff
       GridTopK(v1.data(), v2.data(), k, w, best.data());
       for (int64_t t = 0; t < k; ++t) {
         const int64_t a = RankPos(best[t]) >> 16, b = RankPos(best[t]) & 0xffff;
-        sc[r * k + t] = v1[a] + v2[b];
+        sc[r * k + t] = AddNaNFirst(v1[a], v2[b]);
         io[r * k + t] = static_cast<int32_t>(RankPos(w.t1[a]));
         jo[r * k + t] = static_cast<int32_t>(RankPos(w.t2[b]));
       }

@@ -12,9 +12,11 @@ kernel ``memjax_product_topk`` (cpu_ffi.cc) returns the same three arrays bit fo
     ordered by their bit patterns); so +0 ranks above -0 and a +NaN score above everything;
   * ties: the lower position first, in a half the position in s (lower sub-key index), in the grid
     a * k + b (a, b: ranks within the halves' top-k);
-  * scores are the fp32 sums top1[a] + top2[b]. One caveat: a sum of two NaNs takes its sign and
-    payload from one of them as the hardware decides (x86: the first operand), which XLA's fused
-    add need not match; such rows can differ in which NaN comes first, nothing else.
+  * scores are the fp32 sums top1[a] + top2[b]; inf + -inf gives the hardware's default NaN (x86:
+    -NaN, which ranks last). One caveat: a sum of two different NaNs takes the first operand's (s1's),
+    the x86 and ARM rule and what jitted XLA gives here, but XLA is not consistent about it (run
+    eagerly, its broadcast add returned the second operand's), so only in rows whose top-k hold
+    two different NaNs can the kernel and an XLA run disagree on which NaN comes first.
 The kernel is O(n) per half (a radix select) plus O(k log k) for the grid (a best-first walk over
 its frontier, valid because fp32 sums of finite sorted values are monotone); rows whose selected
 values hold an inf or NaN rank all k^2 sums instead. It runs on XLA's CPU thread pool.
@@ -91,8 +93,8 @@ def product_topk_from_scores(s1, s2, k: int, *, backend: str = "auto"):
 
   Returns:
     ``(scores, i, j)``: scores [..., k] fp32 sorted descending, i, j [..., k] int32 with
-    ``scores[t] = s1[i[t]] + s2[j[t]]`` (fp32). Ties and NaN order as in the module docstring;
-    all backends return identical arrays.
+    ``scores[t] = s1[i[t]] + s2[j[t]]`` (fp32), without gradient. Ties and NaN order as in the
+    module docstring; all backends return identical arrays.
 
   Raises:
     ValueError: an unknown backend, shapes of s1 and s2 that differ, or k outside [1, n].
@@ -102,7 +104,8 @@ def product_topk_from_scores(s1, s2, k: int, *, backend: str = "auto"):
     >>> s.tolist(), i.tolist(), j.tolist()
     ([7.0, 6.0], [1, 1], [0, 2])
   """
-  s1, s2 = jnp.asarray(s1, jnp.float32), jnp.asarray(s2, jnp.float32)
+  # No gradient on any backend (the kernel has none): the selection is discrete.
+  s1, s2 = (jax.lax.stop_gradient(jnp.asarray(s, jnp.float32)) for s in (s1, s2))
   _check(s1, s2, k, backend)
   if backend == "xla" or k > _FFI_MAX_K or not cpu.ffi_status()[0]:
     return product_topk_xla(s1, s2, k)
