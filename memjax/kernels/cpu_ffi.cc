@@ -670,21 +670,29 @@ void GridTopK(const float* v1, const float* v2, int64_t k, TopKScratch& w, uint6
   }
   // Frontier: (a, b) enters when (a, b - 1) leaves, (a, 0) when (a - 1, 0) leaves; each cell's
   // predecessors rank before it, so the t-th pop is the t-th best.
-  int64_t size = 0;  // a binary min-heap
-  const auto greater = std::greater<uint64_t>();
-  f[size++] = rank(0, 0);
+  int64_t size = 1;  // a binary min-heap of ranks in f[0, size)
+  f[0] = rank(0, 0);
+  const auto sift_down = [&] {  // restores the heap after f[0] changed
+    const uint64_t x = f[0];
+    int64_t i = 0;
+    for (int64_t c; (c = 2 * i + 1) < size; i = c) {
+      if (c + 1 < size) c += f[c + 1] < f[c];
+      if (f[c] >= x) break;
+      f[i] = f[c];
+    }
+    f[i] = x;
+  };
   for (int64_t t = 0; t < k; ++t) {
-    std::pop_heap(f, f + size, greater);
-    const uint64_t best = f[--size];
+    const uint64_t best = f[0];
     out[t] = best;
     const int64_t a = RankPos(best) >> 16, b = RankPos(best) & 0xffff;
-    if (b + 1 < k) {
-      f[size++] = rank(a, b + 1);
-      std::push_heap(f, f + size, greater);
-    }
-    if (b == 0 && a + 1 < k) {
-      f[size++] = rank(a + 1, 0);
-      std::push_heap(f, f + size, greater);
+    f[0] = b + 1 < k ? rank(a, b + 1) : f[--size];  // (a, b) leaves, (a, b + 1) takes its place
+    sift_down();
+    if (b == 0 && a + 1 < k) {  // (a + 1, 0) enters
+      const uint64_t x = rank(a + 1, 0);
+      int64_t i = size++;
+      for (int64_t p; i > 0 && f[p = (i - 1) / 2] > x; i = p) f[i] = f[p];
+      f[i] = x;
     }
   }
 }
