@@ -50,6 +50,8 @@ namespace ffi = xla::ffi;
 using F32R2 = ffi::Buffer<ffi::F32, 2>;
 using S32R1 = ffi::Buffer<ffi::S32, 1>;
 using S32R2 = ffi::Buffer<ffi::S32, 2>;
+using F32Any = ffi::Buffer<ffi::F32>;  // any rank
+using S32Any = ffi::Buffer<ffi::S32>;
 
 namespace {
 
@@ -517,11 +519,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagRowGrads, BagRowGrads,
 //
 // MemjaxProductTopK   s1, s2 [..., n] f32 (R rows = the product of the leading dims; n >= 1)
 //                     -> scores [..., k] f32, i [..., k] s32, j [..., k] s32, for 1 <= k <= min(n, 2^16)
-// Per row: t1 = top-k of s1 (values v1, positions p1), t2 = top-k of s2, then the top-k of the k x k grid
-// of fp32 sums cand[a * k + b] = v1[a] + v2[b]; scores[t] = cand of the t-th best, i[t] = p1[a],
-// j[t] = p2[b]. Exactly what topk.py's XLA formulation returns (jax.lax.top_k three times):
-//   * order: XLA's TopK total order on f32 bit patterns, -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN
-//     (NaNs ordered by payload), i.e. the integers OrderKey below;
+// Per row: t1 = top-k of s1 (values v1, positions p1), t2 = top-k of s2, then the top-k of the
+// k x k grid of fp32 sums cand[a * k + b] = v1[a] + v2[b]; scores[t] = cand of the t-th best,
+// i[t] = p1[a], j[t] = p2[b]. Exactly what topk.py's XLA formulation (three jax.lax.top_k) returns:
+//   * order: XLA's TopK total order on f32 bit patterns, -NaN < -inf < ... < -0 < +0 < ... < +inf
+//     < +NaN (NaNs ordered by payload), i.e. the integers OrderKey below;
 //   * ties: lower position first (in a half: the position in s; in the grid: a * k + b).
 // A candidate's Rank packs both into one integer, smaller = better: ~key << 32 | position, and the
 // grid position a * k + b is encoded as a << 16 | b, which orders the same (b < k <= 2^16). A sum of
@@ -529,7 +531,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagRowGrads, BagRowGrads,
 //
 // Half top-k, O(n): a histogram of the keys' top 11 bits (sign, exponent, 2 mantissa bits) gives the
 // digit of the k-th best key; the keys of that digit or above are the candidates (for Gaussian-like
-// scores about k + k/4 of them), gathered in position order and ranked exactly (counting ranks when
+// scores about 1.2 k of them), gathered in position order and ranked exactly (counting ranks when
 // there are at most 128, else nth_element + sort).
 // Grid: when all 2k selected values are finite, fl(x + z) is monotone in x and in z (rounding is
 // monotone, and a -0 sum needs both operands -0), so cand[a][b] ranks before cand[a + 1][b] and
@@ -576,7 +578,8 @@ struct TopKScratch {
   std::vector<uint64_t> t1, t2;          // [k]: the halves' top-k as ranks
   std::vector<uint64_t> frontier;        // [2k + 2]: the grid's heap, or its ranking buffer
   TopKScratch(int64_t n, int64_t k)
-      : keys(n), hist(size_t{1} << kDigitBits), pos(n + 16), cand(n), t1(k), t2(k), frontier(2 * k + 2) {}
+      : keys(n), hist(size_t{1} << kDigitBits), pos(n + 16), cand(n), t1(k), t2(k),
+        frontier(2 * k + 2) {}
 };
 
 // The k smallest of the m distinct ranks c (m >= k), ascending, into out; c may be reordered.
@@ -697,12 +700,11 @@ void GridTopK(const float* v1, const float* v2, int64_t k, TopKScratch& w, uint6
   }
 }
 
-ffi::Error ProductTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2,
-                       ffi::Result<ffi::Buffer<ffi::F32>> scores, ffi::Result<ffi::Buffer<ffi::S32>> i_out,
-                       ffi::Result<ffi::Buffer<ffi::S32>> j_out, int64_t k) {
+ffi::Error ProductTopK(ffi::ThreadPool pool, F32Any s1, F32Any s2, ffi::Result<F32Any> scores,
+                       ffi::Result<S32Any> i_out, ffi::Result<S32Any> j_out, int64_t k) {
   const auto d1 = s1.dimensions(), d2 = s2.dimensions();
   if (d1.size() < 1 || d1.size() != d2.size() || !std::equal(d1.begin(), d1.end(), d2.begin()))
-    return ffi::Error::InvalidArgument("memjax product top-k: s1 and s2 must have the same shape [..., n]");
+    return ffi::Error::InvalidArgument("memjax product top-k: s1 and s2 must have one shape [..., n]");
   const int64_t n = d1.back();
   if (k < 1 || k > n || k > (int64_t{1} << 16))
     return ffi::Error::InvalidArgument("memjax product top-k: need 1 <= k <= n and k <= 65536");
@@ -744,9 +746,9 @@ ffi::Error ProductTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s1, ffi::Buff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxProductTopK, ProductTopK,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Arg<F32Any>()
+                                  .Arg<F32Any>()
+                                  .Ret<F32Any>()
+                                  .Ret<S32Any>()
+                                  .Ret<S32Any>()
                                   .Attr<int64_t>("k"));

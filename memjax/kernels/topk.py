@@ -17,14 +17,18 @@ kernel ``memjax_product_topk`` (cpu_ffi.cc) returns the same three arrays bit fo
     the x86 and ARM rule and what jitted XLA gives here, but XLA is not consistent about it (run
     eagerly, its broadcast add returned the second operand's), so only in rows whose top-k hold
     two different NaNs can the kernel and an XLA run disagree on which NaN comes first.
-The kernel is O(n) per half (a radix select) plus O(k log k) for the grid (a best-first walk over
-its frontier, valid because fp32 sums of finite sorted values are monotone); rows whose selected
-values hold an inf or NaN rank all k^2 sums instead. It runs on XLA's CPU thread pool.
+The kernel is O(n) per half (one histogram of the keys' top bits cuts the row to ~k candidates,
+ranked exactly) plus O(k log k) for the grid (a best-first walk over its frontier, valid because
+fp32 sums of finite sorted values are monotone); rows whose selected values hold an inf or NaN rank
+all k^2 sums instead. Rows are split over XLA's CPU thread pool.
 
 Backends: ``xla`` (the reference), ``cpu`` (the kernel when it is built, cpu.py; else ``xla``) and
 ``auto``: the kernel on CPU, ``xla`` elsewhere, decided by the platform the computation is lowered
-for (``jax.lax.platform_dependent``), so one jitted function compiled for TPU or GPU never holds
-the CPU custom call. No gradient: the selection is discrete (callers recompute scores from i, j).
+for (``jax.lax.platform_dependent``: lowered for one platform, only that branch is emitted), so a
+jitted function compiled for TPU or GPU never holds the CPU custom call, whatever
+``jax.default_backend()`` says. ``auto`` and ``cpu`` build the C++ library on first use (once per
+machine, cached; ``MEMJAX_CPU_FFI=0`` skips it). No gradient: the selection is discrete (callers
+recompute scores from i, j).
 """
 
 from __future__ import annotations
