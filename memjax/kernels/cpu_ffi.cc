@@ -529,10 +529,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagRowGrads, BagRowGrads,
 // grid position a * k + b is encoded as a << 16 | b, which orders the same (b < k <= 2^16). A sum of
 // two NaNs keeps the first (AddNaNFirst), as jitted XLA does here (eager XLA does not always).
 //
-// Half top-k, O(n): a histogram of the keys' top 11 bits (sign, exponent, 2 mantissa bits) gives the
-// digit of the k-th best key; the keys of that digit or above are the candidates (for Gaussian-like
-// scores about 1.2 k of them), gathered in position order and ranked exactly (counting ranks when
-// there are at most 128, else nth_element + sort).
+// Half top-k, O(n): the maxima of k strided groups (vector max) bound the k-th best key from below
+// and cut the row to a few k candidates; a histogram of their top 11 bits (sign, exponent, 2 mantissa
+// bits) gives the digit of the k-th best key, and the keys of that digit or above (for Gaussian-like
+// scores about 1.2 k) are gathered in position order and ranked exactly (counting ranks when there
+// are at most 128, else nth_element + sort).
 // Grid: when all 2k selected values are finite, fl(x + z) is monotone in x and in z (rounding is
 // monotone, and a -0 sum needs both operands -0), so cand[a][b] ranks before cand[a + 1][b] and
 // cand[a][b + 1]: a best-first walk over that frontier (a heap of at most k + 1 cells) yields the
@@ -620,25 +621,57 @@ int64_t PositionsAtLeast(const uint32_t* key, int64_t n, uint32_t cut, uint32_t*
   return m;
 }
 
-// The k best of s[0, n) as ranks, best first, into out. A histogram of the keys' top 11 bits gives
-// the digit of the k-th best key; the keys of that digit or above (usually a few more than k) are
-// the candidates, ranked exactly.
+// A lower bound on the k-th best of the n keys, found with vector max alone: with g >= k strided
+// groups (key p in group p % g, over the first g * floor(n / g) keys; g = k rounded up to 16), each
+// group's maximum is a key, so at least g >= k keys are >= the smallest of the g maxima. 0 (no
+// bound) for k > 128 or n < 8g.
+uint32_t GroupCut(const uint32_t* key, int64_t n, int64_t k) {
+  constexpr int64_t kMaxGroups = 128;
+  const int64_t g = (k + 15) / 16 * 16;
+  if (g > kMaxGroups || n < 8 * g) return 0;  // fewer than 8 keys a group: a weak bound
+  VecU acc[kMaxGroups / 16] = {};  // group c's maximum is lane c % 16 of acc[c / 16]
+  for (int64_t r = 0; r + g <= n; r += g)
+    for (int64_t v = 0; v < g / 16; ++v) {
+      VecU x;
+      std::memcpy(&x, key + r + 16 * v, sizeof(x));
+      acc[v] = acc[v] > x ? acc[v] : x;
+    }
+  uint32_t cut = ~0u;  // the smallest of the g >= k maxima
+  for (int64_t v = 0; v < g / 16; ++v)
+    for (int l = 0; l < 16; ++l) cut = std::min(cut, static_cast<uint32_t>(acc[v][l]));
+  return cut;
+}
+
+// The k best of s[0, n) as ranks, best first, into out. Candidates are the keys >= GroupCut (for
+// Gaussian-like scores 3k to 4k of them); if more than 64, a histogram of their top 11 bits gives
+// the digit of the k-th best key and only keys of that digit or above stay (~1.2k). Those are
+// ranked exactly.
 void HalfTopK(const float* s, int64_t n, int64_t k, TopKScratch& w, uint64_t* out) {
   constexpr int kShift = TopKScratch::kShift;
   uint32_t* key = w.keys.data();
-  uint32_t lo = ~0u, hi = 0;
-  for (int64_t p = 0; p < n; ++p) {
-    key[p] = OrderKey(s[p]);
-    lo = std::min(lo, key[p]);
-    hi = std::max(hi, key[p]);
-  }
-  uint32_t* hist = w.hist.data();
-  for (int64_t p = 0; p < n; ++p) ++hist[key[p] >> kShift];
-  uint32_t digit = hi >> kShift;
-  for (int64_t above = 0; above + hist[digit] < k; above += hist[digit--]) {}
-  std::memset(hist + (lo >> kShift), 0, ((hi >> kShift) - (lo >> kShift) + 1) * sizeof(uint32_t));
+  for (int64_t p = 0; p < n; ++p) key[p] = OrderKey(s[p]);
   uint32_t* pos = w.pos.data();
-  const int64_t m = PositionsAtLeast(key, n, digit << kShift, pos);
+  int64_t m = PositionsAtLeast(key, n, GroupCut(key, n, k), pos);
+  if (m > 64) {
+    uint32_t* hist = w.hist.data();
+    uint32_t lo = ~0u, hi = 0;
+    for (int64_t c = 0; c < m; ++c) {
+      const uint32_t d = key[pos[c]] >> kShift;
+      ++hist[d];
+      lo = std::min(lo, d);
+      hi = std::max(hi, d);
+    }
+    uint32_t digit = hi;
+    for (int64_t above = 0; above + hist[digit] < k; above += hist[digit--]) {}
+    std::memset(hist + lo, 0, (hi - lo + 1) * sizeof(uint32_t));
+    int64_t kept = 0;
+    for (int64_t c = 0; c < m; ++c) {  // in place: kept <= c
+      const uint32_t p = pos[c];
+      pos[kept] = p;
+      kept += (key[p] >> kShift) >= digit;
+    }
+    m = kept;
+  }
   uint64_t* cand = w.cand.data();
   for (int64_t c = 0; c < m; ++c) cand[c] = Rank(key[pos[c]], pos[c]);
   SmallestRanks(cand, m, k, out);
