@@ -44,6 +44,8 @@ def _both(s1, s2, k, wrap=jax.jit):
     ((6,), 257, 31),     # odd n and k
     ((3,), 33, 33),      # odd n, k == n
     ((2, 3), 1, 1),      # one sub-key
+    ((3,), 1024, 128),   # the largest k with the group pre-cut (k <= 128, n >= 8 * k)
+    ((3,), 1100, 129),   # the smallest k without it
     ((2,), 2**15, 32),   # the largest n, few rows
 ])
 def test_kernel_equals_xla_on_random_scores(lead, n, k, variant):
@@ -59,7 +61,7 @@ def test_kernel_equals_xla_on_random_scores(lead, n, k, variant):
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,k,values", [(64, 16, 3), (256, 32, 5), (40, 40, 2), (300, 7, 1)])
+@pytest.mark.parametrize("n,k,values", [(64, 16, 3), (256, 32, 5), (40, 40, 2), (300, 7, 1), (1024, 128, 40)])
 def test_kernel_equals_xla_with_many_ties(n, k, values):
   rng = np.random.default_rng(n + k)
   s1, s2 = (rng.integers(-values, values + 1, (50, n)).astype(np.float32) for _ in range(2))
