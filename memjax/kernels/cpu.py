@@ -4,11 +4,12 @@ Shapes (flattened bags): values [M, Dv] f32|bf16, idx [B, L] int32, w [B, L], d_
 
 The kernels live in ``cpu_ffi.cc`` (forward, weight gradient, dense value gradient, row-sparse value
 gradient; fp32 accumulation in vector registers, software prefetch, a stable radix sort of the
-lookups for the atomic-free value gradient, XLA's intra-op thread pool). The library is compiled
-on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``) against
-``jax.ffi.include_dir()`` into ``$MEMJAX_CACHE_DIR`` (default ``~/.cache/memjax``), keyed by a hash
-of the source, compiler, flags, jaxlib version and CPU, so it is built once per machine. Build it
-ahead of time with ``python -c "import memjax.kernels.cpu as c; c.main()"``.
+lookups for the atomic-free value gradient, XLA's intra-op thread pool) and the product-key top-k
+that ``topk.py`` calls (``memjax_product_topk``). The library is compiled on first use with the
+system C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``) against ``jax.ffi.include_dir()``
+into ``$MEMJAX_CACHE_DIR`` (default ``~/.cache/memjax``), keyed by a hash of the source, compiler,
+flags, jaxlib version and CPU, so it is built once per machine. Build it ahead of time with
+``python -c "import memjax.kernels.cpu as c; c.main()"``.
 
 If no compiler is found or the build fails, a ``RuntimeWarning`` says why once, and the backend runs
 the pure-XLA formulations of ``xla.py`` (``xla_loop``: a loop over the bag dimension for the forward
@@ -42,6 +43,7 @@ _TARGETS = {
     "memjax_bag_weight_grad": "MemjaxBagWeightGrad",
     "memjax_bag_value_grad": "MemjaxBagValueGrad",
     "memjax_bag_row_grads": "MemjaxBagRowGrads",
+    "memjax_product_topk": "MemjaxProductTopK",  # called from topk.py
 }
 SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd")
@@ -144,9 +146,9 @@ def ffi_status() -> tuple[bool, str]:
       _state["ok"], _state["message"] = _load()
       if not _state["ok"] and os.environ.get("MEMJAX_CPU_FFI", "1") != "0":
         warnings.warn(
-            "memjax: the C++ CPU kernels for embedding_bag are unavailable, so backend 'cpu' runs its "
-            "slower pure-XLA path. Install a C++17 compiler (e.g. `apt-get install g++`, or set $CXX) "
-            "and restart; set MEMJAX_CPU_FFI=0 to choose the XLA path silently. Reason: "
+            "memjax: the C++ CPU kernels (embedding_bag, product-key top-k) are unavailable, so the CPU "
+            "paths run their slower pure-XLA formulations. Install a C++17 compiler (e.g. `apt-get install "
+            "g++`, or set $CXX) and restart; set MEMJAX_CPU_FFI=0 to choose the XLA path silently. Reason: "
             + _state["message"], RuntimeWarning, stacklevel=3)
     return _state["ok"], _state["message"]
 

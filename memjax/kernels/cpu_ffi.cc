@@ -1,4 +1,5 @@
-// CPU kernels for memjax's embedding bag, called from JAX through the XLA FFI (see cpu.py).
+// CPU kernels for memjax's embedding bag and product-key top-k, called from JAX through the XLA FFI
+// (see cpu.py; the top-k's contract is in topk.py and at its handler at the end of this file).
 //
 // Shapes (flattened bags, as in embedding_bag.py):
 //   values [M, D] f32 or bf16, idx [B, L] s32, w [B, L] f32, dout [B, D] f32, N = B * L lookups.
@@ -9,6 +10,8 @@
 //   MemjaxBagValueGrad    dv [M, D] f32|bf16  dv[r] = sum_{idx[b, l] = r} w[b, l] * dout[b]  (dense)
 //   MemjaxBagRowGrads     rows [N] s32, grads [N, D] f32: the distinct rows ascending (then padding
 //                         equal to num_slots) and their summed gradients (zero on padding)
+//   MemjaxProductTopK     s1, s2 [..., n] f32 -> scores [..., k] f32, i [..., k] s32, j [..., k] s32:
+//                         the product-key top-k from the two halves' sub-key scores
 //
 // Forward and value gradient are the same computation, a weighted sum over sets of gathered rows
 // (a bag's value rows; a table row's list of d_out rows), done by SumSets below: the set's
@@ -30,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -46,6 +50,8 @@ namespace ffi = xla::ffi;
 using F32R2 = ffi::Buffer<ffi::F32, 2>;
 using S32R1 = ffi::Buffer<ffi::S32, 1>;
 using S32R2 = ffi::Buffer<ffi::S32, 2>;
+using F32Any = ffi::Buffer<ffi::F32>;  // any rank
+using S32Any = ffi::Buffer<ffi::S32>;
 
 namespace {
 
@@ -508,3 +514,274 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxBagRowGrads, BagRowGrads,
                                   .Ret<S32R1>()
                                   .Ret<F32R2>()
                                   .Attr<int64_t>("num_slots"));
+
+// ----- product-key top-k ----------------------------------------------------------------------------
+//
+// MemjaxProductTopK   s1, s2 [..., n] f32 (R rows = the product of the leading dims; n >= 1)
+//                     -> scores [..., k] f32, i [..., k] s32, j [..., k] s32, for 1 <= k <= min(n, 2^16)
+// Per row: t1 = top-k of s1 (values v1, positions p1), t2 = top-k of s2, then the top-k of the
+// k x k grid of fp32 sums cand[a * k + b] = v1[a] + v2[b]; scores[t] = cand of the t-th best,
+// i[t] = p1[a], j[t] = p2[b]. Exactly what topk.py's XLA formulation (three jax.lax.top_k) returns:
+//   * order: XLA's TopK total order on f32 bit patterns, -NaN < -inf < ... < -0 < +0 < ... < +inf
+//     < +NaN (NaNs ordered by payload), i.e. the integers OrderKey below;
+//   * ties: lower position first (in a half: the position in s; in the grid: a * k + b).
+// A candidate's Rank packs both into one integer, smaller = better: ~key << 32 | position, and the
+// grid position a * k + b is encoded as a << 16 | b, which orders the same (b < k <= 2^16). A sum of
+// two NaNs keeps the first (AddNaNFirst), as jitted XLA does here (eager XLA does not always).
+//
+// Half top-k, O(n): the maxima of k strided groups (vector max) bound the k-th best key from below
+// and cut the row to a few k candidates; a histogram of their top 11 bits (sign, exponent, 2 mantissa
+// bits) gives the digit of the k-th best key, and the keys of that digit or above (for Gaussian-like
+// scores about 1.2 k) are gathered in position order and ranked exactly (counting ranks when there
+// are at most 128, else nth_element + sort).
+// Grid: when all 2k selected values are finite, fl(x + z) is monotone in x and in z (rounding is
+// monotone, and a -0 sum needs both operands -0), so cand[a][b] ranks before cand[a + 1][b] and
+// cand[a][b + 1]: a best-first walk over that frontier (a heap of at most k + 1 cells) yields the
+// grid's top-k in order after k pops, O(k log k). If any of them is inf or NaN (inf + -inf = NaN
+// breaks monotonicity) all k^2 sums are ranked instead, through a buffer of the 2k best so far
+// (O(k^2) time, O(k) memory): the same result, only slower.
+
+namespace {
+
+// XLA's TopK order as unsigned integers: larger key = larger in the order.
+inline uint32_t OrderKey(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// fp32 x + y where a NaN operand propagates (quietened), the first one if both are: the rule of x86
+// and ARM adds, and what XLA's fused add gives here. Written out because a compiler may commute x + y.
+inline float AddNaNFirst(float x, float y) {
+  const auto quiet = [](float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    bits |= 0x00400000u;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  };
+  if (std::isnan(x)) return quiet(x);
+  if (std::isnan(y)) return quiet(y);
+  return x + y;
+}
+
+inline uint64_t Rank(uint32_t key, uint32_t pos) { return (static_cast<uint64_t>(~key) << 32) | pos; }
+inline uint32_t RankPos(uint64_t rank) { return static_cast<uint32_t>(rank); }
+
+// Scratch of one thread, sized for rows of n and a given k.
+struct TopKScratch {
+  static constexpr int kDigitBits = 11;  // the cut's digit: sign, exponent and two mantissa bits
+  static constexpr int kShift = 32 - kDigitBits;
+  std::vector<uint32_t> keys;            // [n]
+  std::vector<uint32_t> hist;            // [2^11], all zero between calls
+  std::vector<uint32_t> pos;             // [n + 16]: candidate positions
+  std::vector<uint64_t> cand;            // [n]: candidate ranks
+  std::vector<uint64_t> t1, t2;          // [k]: the halves' top-k as ranks
+  std::vector<uint64_t> frontier;        // [2k + 2]: the grid's heap, or its ranking buffer
+  TopKScratch(int64_t n, int64_t k)
+      : keys(n), hist(size_t{1} << kDigitBits), pos(n + 16), cand(n), t1(k), t2(k),
+        frontier(2 * k + 2) {}
+};
+
+// The k smallest of the m distinct ranks c (m >= k), ascending, into out; c may be reordered.
+constexpr int64_t kCountingMax = 128;  // above it, nth_element + sort
+void SmallestRanks(uint64_t* c, int64_t m, int64_t k, uint64_t* out) {
+  if (m <= kCountingMax) {  // each rank's place is the number of smaller ones; the x loop vectorises
+    int64_t place[kCountingMax] = {};
+    for (int64_t y = 0; y < m; ++y) {
+      const uint64_t v = c[y];
+      for (int64_t x = 0; x < m; ++x) place[x] += c[x] > v;
+    }
+    for (int64_t x = 0; x < m; ++x)
+      if (place[x] < k) out[place[x]] = c[x];
+    return;
+  }
+  if (m > k) std::nth_element(c, c + k - 1, c + m);
+  std::sort(c, c + k);
+  std::copy(c, c + k, out);
+}
+
+// Positions p in [0, n) with key[p] >= cut, ascending, into pos (room for n + 16); returns the count.
+int64_t PositionsAtLeast(const uint32_t* key, int64_t n, uint32_t cut, uint32_t* pos) {
+  int64_t m = 0, p = 0;
+#if defined(__AVX512F__)
+  const __m512i vcut = _mm512_set1_epi32(static_cast<int>(cut));
+  __m512i vpos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; p + 16 <= n; p += 16) {
+    const __mmask16 in = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + p), vcut);
+    _mm512_storeu_si512(pos + m, _mm512_maskz_compress_epi32(in, vpos));  // compress to a register:
+    m += __builtin_popcount(in);                                         // fast on AMD and Intel
+    vpos = _mm512_add_epi32(vpos, _mm512_set1_epi32(16));
+  }
+#endif
+  for (; p < n; ++p) {
+    pos[m] = static_cast<uint32_t>(p);
+    m += key[p] >= cut;
+  }
+  return m;
+}
+
+// A lower bound on the k-th best of the n keys, found with vector max alone: with g >= k strided
+// groups (key p in group p % g, over the first g * floor(n / g) keys; g = k rounded up to 16), each
+// group's maximum is a key, so at least g >= k keys are >= the smallest of the g maxima. 0 (no
+// bound) for k > 128 or n < 8g.
+uint32_t GroupCut(const uint32_t* key, int64_t n, int64_t k) {
+  constexpr int64_t kMaxGroups = 128;
+  const int64_t g = (k + 15) / 16 * 16;
+  if (g > kMaxGroups || n < 8 * g) return 0;  // fewer than 8 keys a group: a weak bound
+  VecU acc[kMaxGroups / 16] = {};  // group c's maximum is lane c % 16 of acc[c / 16]
+  for (int64_t r = 0; r + g <= n; r += g)
+    for (int64_t v = 0; v < g / 16; ++v) {
+      VecU x;
+      std::memcpy(&x, key + r + 16 * v, sizeof(x));
+      acc[v] = acc[v] > x ? acc[v] : x;
+    }
+  uint32_t cut = ~0u;  // the smallest of the g >= k maxima
+  for (int64_t v = 0; v < g / 16; ++v)
+    for (int l = 0; l < 16; ++l) cut = std::min(cut, static_cast<uint32_t>(acc[v][l]));
+  return cut;
+}
+
+// The k best of s[0, n) as ranks, best first, into out. Candidates are the keys >= GroupCut (for
+// Gaussian-like scores 3k to 4k of them); if more than 64, a histogram of their top 11 bits gives
+// the digit of the k-th best key and only keys of that digit or above stay (~1.2k). Those are
+// ranked exactly.
+void HalfTopK(const float* s, int64_t n, int64_t k, TopKScratch& w, uint64_t* out) {
+  constexpr int kShift = TopKScratch::kShift;
+  uint32_t* key = w.keys.data();
+  for (int64_t p = 0; p < n; ++p) key[p] = OrderKey(s[p]);
+  uint32_t* pos = w.pos.data();
+  int64_t m = PositionsAtLeast(key, n, GroupCut(key, n, k), pos);
+  if (m > 64) {
+    uint32_t* hist = w.hist.data();
+    uint32_t lo = ~0u, hi = 0;
+    for (int64_t c = 0; c < m; ++c) {
+      const uint32_t d = key[pos[c]] >> kShift;
+      ++hist[d];
+      lo = std::min(lo, d);
+      hi = std::max(hi, d);
+    }
+    uint32_t digit = hi;
+    for (int64_t above = 0; above + hist[digit] < k; above += hist[digit--]) {}
+    std::memset(hist + lo, 0, (hi - lo + 1) * sizeof(uint32_t));
+    int64_t kept = 0;
+    for (int64_t c = 0; c < m; ++c) {  // in place: kept <= c
+      const uint32_t p = pos[c];
+      pos[kept] = p;
+      kept += (key[p] >> kShift) >= digit;
+    }
+    m = kept;
+  }
+  uint64_t* cand = w.cand.data();
+  for (int64_t c = 0; c < m; ++c) cand[c] = Rank(key[pos[c]], pos[c]);
+  SmallestRanks(cand, m, k, out);
+}
+
+// Keeps the k smallest of buf[0, m) in buf[0, k) (unordered); returns k.
+int64_t KeepBest(uint64_t* buf, int64_t m, int64_t k) {
+  if (m > k) std::nth_element(buf, buf + k - 1, buf + m);
+  return std::min(m, k);
+}
+
+// The grid's top-k (best first) as ranks (a << 16 | b in the low bits) into out, from the halves'
+// values v1, v2 [k], each sorted best first.
+void GridTopK(const float* v1, const float* v2, int64_t k, TopKScratch& w, uint64_t* out) {
+  auto rank = [&](int64_t a, int64_t b) {
+    return Rank(OrderKey(v1[a] + v2[b]), static_cast<uint32_t>((a << 16) | b));
+  };
+  bool finite = true;
+  for (int64_t a = 0; a < k; ++a) finite &= std::isfinite(v1[a]) & std::isfinite(v2[a]);
+  uint64_t* f = w.frontier.data();
+  if (!finite) {  // rank all k^2 sums through a buffer of the 2k best so far
+    int64_t m = 0;
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t b = 0; b < k; ++b) {
+        f[m++] = Rank(OrderKey(AddNaNFirst(v1[a], v2[b])), static_cast<uint32_t>((a << 16) | b));
+        if (m == 2 * k) m = KeepBest(f, m, k);
+      }
+    m = KeepBest(f, m, k);
+    std::sort(f, f + m);
+    std::copy(f, f + k, out);
+    return;
+  }
+  // Frontier: (a, b) enters when (a, b - 1) leaves, (a, 0) when (a - 1, 0) leaves; each cell's
+  // predecessors rank before it, so the t-th pop is the t-th best.
+  int64_t size = 1;  // a binary min-heap of ranks in f[0, size)
+  f[0] = rank(0, 0);
+  const auto sift_down = [&] {  // restores the heap after f[0] changed
+    const uint64_t x = f[0];
+    int64_t i = 0;
+    for (int64_t c; (c = 2 * i + 1) < size; i = c) {
+      if (c + 1 < size) c += f[c + 1] < f[c];
+      if (f[c] >= x) break;
+      f[i] = f[c];
+    }
+    f[i] = x;
+  };
+  for (int64_t t = 0; t < k; ++t) {
+    const uint64_t best = f[0];
+    out[t] = best;
+    const int64_t a = RankPos(best) >> 16, b = RankPos(best) & 0xffff;
+    f[0] = b + 1 < k ? rank(a, b + 1) : f[--size];  // (a, b) leaves, (a, b + 1) takes its place
+    sift_down();
+    if (b == 0 && a + 1 < k) {  // (a + 1, 0) enters
+      const uint64_t x = rank(a + 1, 0);
+      int64_t i = size++;
+      for (int64_t p; i > 0 && f[p = (i - 1) / 2] > x; i = p) f[i] = f[p];
+      f[i] = x;
+    }
+  }
+}
+
+ffi::Error ProductTopK(ffi::ThreadPool pool, F32Any s1, F32Any s2, ffi::Result<F32Any> scores,
+                       ffi::Result<S32Any> i_out, ffi::Result<S32Any> j_out, int64_t k) {
+  const auto d1 = s1.dimensions(), d2 = s2.dimensions();
+  if (d1.size() < 1 || d1.size() != d2.size() || !std::equal(d1.begin(), d1.end(), d2.begin()))
+    return ffi::Error::InvalidArgument("memjax product top-k: s1 and s2 must have one shape [..., n]");
+  const int64_t n = d1.back();
+  if (k < 1 || k > n || k > (int64_t{1} << 16))
+    return ffi::Error::InvalidArgument("memjax product top-k: need 1 <= k <= n and k <= 65536");
+  const int64_t rows = n == 0 ? 0 : static_cast<int64_t>(s1.element_count()) / n;
+  if (static_cast<int64_t>(scores->element_count()) != rows * k ||
+      static_cast<int64_t>(i_out->element_count()) != rows * k ||
+      static_cast<int64_t>(j_out->element_count()) != rows * k)
+    return ffi::Error::InvalidArgument("memjax product top-k: outputs must have shape [..., k]");
+  const float* x1 = s1.typed_data();
+  const float* x2 = s2.typed_data();
+  float* sc = scores->typed_data();
+  int32_t* io = i_out->typed_data();
+  int32_t* jo = j_out->typed_data();
+  ParallelFor(pool, rows, std::max<int64_t>(1, 4096 / n), [&](int64_t r0, int64_t r1) {
+    TopKScratch w(n, k);
+    std::vector<float> v1(k), v2(k);
+    std::vector<uint64_t> best(k);
+    for (int64_t r = r0; r < r1; ++r) {
+      HalfTopK(x1 + r * n, n, k, w, w.t1.data());
+      HalfTopK(x2 + r * n, n, k, w, w.t2.data());
+      for (int64_t a = 0; a < k; ++a) {
+        v1[a] = x1[r * n + RankPos(w.t1[a])];
+        v2[a] = x2[r * n + RankPos(w.t2[a])];
+      }
+      GridTopK(v1.data(), v2.data(), k, w, best.data());
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t a = RankPos(best[t]) >> 16, b = RankPos(best[t]) & 0xffff;
+        sc[r * k + t] = AddNaNFirst(v1[a], v2[b]);
+        io[r * k + t] = static_cast<int32_t>(RankPos(w.t1[a]));
+        jo[r * k + t] = static_cast<int32_t>(RankPos(w.t2[b]));
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxProductTopK, ProductTopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Any>()
+                                  .Arg<F32Any>()
+                                  .Ret<F32Any>()
+                                  .Ret<S32Any>()
+                                  .Ret<S32Any>()
+                                  .Attr<int64_t>("k"));

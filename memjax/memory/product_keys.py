@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.kernels.topk import product_topk_from_scores
+
 
 def _check_topk_args(query, keys, k: int) -> tuple[int, int, int]:
   if keys.ndim != 4 or keys.shape[1] != 2:
@@ -73,7 +75,7 @@ def _selected_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
           + jnp.einsum("...hd,...hkd->...hk", q2, k2, preferred_element_type=jnp.float32))
 
 
-def product_key_topk(query, keys, k: int):
+def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
   """Exact top-k slots of a product-key memory, per head.
 
   Args:
@@ -81,6 +83,8 @@ def product_key_topk(query, keys, k: int):
     keys: [H, 2, n, Dk // 2] sub-keys: ``keys[h, 0]`` scores the first half of head h's query,
       ``keys[h, 1]`` the second.
     k: slots per head, ``1 <= k <= n``.
+    backend: the selection's backend (``memjax.kernels.topk``): "auto" (the C++ kernel when lowered
+      for CPU, XLA elsewhere), "xla" or "cpu". All return the same slots and scores.
 
   Returns:
     ``(scores, indices)``: scores [..., H, k] fp32 sorted descending, indices [..., H, k] int32
@@ -89,7 +93,7 @@ def product_key_topk(query, keys, k: int):
     Differentiable in ``query`` and ``keys`` through the scores.
 
   Raises:
-    ValueError: k > n, odd Dk, or shapes of ``query`` and ``keys`` that do not match.
+    ValueError: k > n, odd Dk, shapes of ``query`` and ``keys`` that do not match, or an unknown backend.
 
   Example:
     >>> q = jnp.ones((5, 2, 8)); keys = jnp.zeros((2, 2, 16, 4))
@@ -98,15 +102,10 @@ def product_key_topk(query, keys, k: int):
     ((5, 2, 4), (5, 2, 4))
   """
   _, n, _ = _check_topk_args(query, keys, k)
-  # Selection (no gradient): all n sub-key scores per half, then the k x k candidate grid.
+  # Selection (no gradient): all n sub-key scores per half, then the k x k candidate grid
+  # (kernels/topk.py: the C++ kernel where lowered for CPU, three jax.lax.top_k elsewhere).
   s1, s2 = subkey_scores(jax.lax.stop_gradient(query), jax.lax.stop_gradient(keys))  # [..., H, n]
-  top1, i1 = jax.lax.top_k(s1, k)  # [..., H, k]
-  top2, i2 = jax.lax.top_k(s2, k)  # [..., H, k]
-  cand = top1[..., :, None] + top2[..., None, :]  # [..., H, k, k]
-  cand = cand.reshape(*cand.shape[:-2], k * k)  # [..., H, k*k]
-  scores, flat = jax.lax.top_k(cand, k)  # [..., H, k]
-  i = jnp.take_along_axis(i1, flat // k, axis=-1)
-  j = jnp.take_along_axis(i2, flat % k, axis=-1)
+  scores, i, j = product_topk_from_scores(s1, s2, k, backend=backend)  # [..., H, k]
   indices = (i * n + j).astype(jnp.int32)
   # Gradient: only the k chosen slots' scores depend on the parameters, so differentiate a
   # recomputation from the gathered sub-keys (O(k) per head) instead of the dense [..., n]
