@@ -15,7 +15,6 @@ benchmarks/results/row_grads.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -28,16 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from memjax.kernels import cpu as cpu_backend  # noqa: E402
-from memjax.kernels.embedding_bag import embedding_bag_row_grads  # noqa: E402
+from memjax.command import ArgumentParser, run_command
+from memjax.kernels import cpu as cpu_backend
+from memjax.kernels.embedding_bag import embedding_bag_row_grads
 
 BACKENDS = ("cpu", "xla_loop", "xla")
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="benchmarks/row_grads.py", description=__doc__.split("\n")[0])
   parser.add_argument("--bags", type=int, default=3 * 2048, help="readers x tokens")
   parser.add_argument("--bag-size", type=int, default=64, help="lookups per bag (heads x k)")
   parser.add_argument("--value-dim", type=int, default=64)

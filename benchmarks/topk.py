@@ -17,7 +17,6 @@ rounds are reported, with the XLA/kernel ratio. Results go to benchmarks/results
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -30,11 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from memjax import product_key_topk  # noqa: E402
-from memjax.kernels import cpu as cpu_backend  # noqa: E402
-from memjax.kernels.topk import product_topk_from_scores  # noqa: E402
+from memjax import product_key_topk
+from memjax.command import ArgumentParser, run_command
+from memjax.kernels import cpu as cpu_backend
+from memjax.kernels.topk import product_topk_from_scores
 
 FULL = [(2048, 2, 256, 32), (2048, 4, 1024, 32), (16384, 4, 1024, 32)]  # (tokens, heads, n, k)
 QUICK = FULL[:1]
@@ -106,7 +104,7 @@ def print_table(results):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="benchmarks/topk.py", description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="the smallest shape only")
   parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 9, quick 7)")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "topk.json"))

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import fake_devices
 from memjax import product_key_topk, product_key_topk_reference
 from memjax.kernels import cpu, topk
 
@@ -222,37 +221,6 @@ def test_without_the_kernel_every_backend_runs_xla(monkeypatch):
     _assert_same(topk.product_topk_from_scores(s1, s2, 6, backend=backend), want)
     assert TARGET not in _lowered(lambda a, b: topk.product_topk_from_scores(a, b, 6, backend=backend), "cpu",
                                   s1, s2)
-
-
-@needs_kernel
-def test_shard_map_on_two_devices():
-  # Fresh process: the fake-device flag must precede importing JAX.
-  result = fake_devices.run_result_script("""
-import os, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import PartitionSpec as P
-from memjax import product_key_topk
-from memjax.kernels import topk
-mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-rng = np.random.default_rng(0)
-s1, s2 = (rng.standard_normal((8, 2, 64)).astype(np.float32) for _ in range(2))
-want = topk.product_topk_xla(s1, s2, 5)
-out = {}
-for vma in (False, True):
-  f = jax.jit(jax.shard_map(lambda a, b: topk.product_topk_from_scores(a, b, 5), mesh=mesh,
-                            in_specs=(P("data"), P("data")), out_specs=P("data"), check_vma=vma))
-  got = f(s1, s2)
-  out[f"vma={vma}"] = all(bool(np.array_equal(np.asarray(g), np.asarray(w), equal_nan=True)) for g, w in zip(got, want))
-  out[f"vma={vma} kernel"] = "memjax_product_topk" in f.lower(s1, s2).as_text()
-q = rng.standard_normal((8, 2, 16)).astype(np.float32)
-keys = rng.standard_normal((2, 2, 32, 8)).astype(np.float32)
-g = jax.jit(jax.shard_map(lambda q, kk: product_key_topk(q, kk, 4), mesh=mesh, in_specs=(P("data"), P()),
-                          out_specs=P("data"), check_vma=False))
-out["product_key_topk"] = bool(np.array_equal(g(q, keys)[1], product_key_topk(q, keys, 4, backend="xla")[1]))
-print("RESULT" + json.dumps(out))
-""")
-  assert all(result.values()), result
 
 
 @pytest.mark.parametrize("kwargs,match", [
