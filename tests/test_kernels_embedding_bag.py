@@ -293,9 +293,11 @@ def test_block_sizes_are_frozen_and_fit_the_shape():
     bs.block_l = 4  # frozen
   tpu = pallas_tpu.BlockSizes.for_shape(bag_size=12, value_dim=384)
   assert (tpu.block_d, tpu.bags_per_step) == (384, 8)
-  # A step copies bags_per_step * L rows of block_d columns: block_d shrinks to keep a slot <= 4 MiB.
-  assert pallas_tpu.BlockSizes.for_shape(bag_size=256, value_dim=4096).block_d == 512
-  assert pallas_tpu.BlockSizes.for_shape(bag_size=512, value_dim=4096).block_d == 256
+  # A step copies bags_per_step * L rows of block_d columns: as wide as 2048 while a slot fits 8 MiB.
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=128, value_dim=1024).block_d == 1024
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=128, value_dim=4096).block_d == 2048
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=256, value_dim=4096).block_d == 1024
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=512, value_dim=4096).block_d == 512
 
 
 def test_cpu_falls_back_to_xla_with_a_clear_message(monkeypatch):

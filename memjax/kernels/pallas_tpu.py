@@ -22,11 +22,12 @@ the same as an fp32 gather. (A table stored with two columns per word would avoi
 odd M handle row M - 1 outside the kernel (a [B, L] mask and an outer product).
 
 Kernels (fp32 accumulation; no atomics):
-  forward        grid (Dv / bd parallel, bags / G arbitrary): step s copies the K = G * L8 rows of G
-                 bags and writes an output block [G, bd]; each 8-row tile is weighted by a column
-                 of 8 SMEM weights and summed per bag.
-  weight grad    grid (2 parallel halves of the bag steps, bag steps, Dv / bd arbitrary): dots of
-                 each copied row slice with d_out[b] accumulate across the column blocks in VMEM;
+  forward        grid (2 parallel halves of the bag steps, bag steps, Dv / bd), one chain of steps
+                 per half: step (s, c) copies the K = G * L8 row slices of G bags and writes the
+                 output block [G, bd]; each 8-row tile is weighted by a column of 8 SMEM weights and
+                 summed per bag.
+  weight grad    the forward's grid and chain: dots of each copied row slice with d_out[b]
+                 accumulate across the column blocks in VMEM;
                  after the last block they are transposed into the lane-major dw block [G, L8].
   segment sum    grid (Dv / bd parallel, N / K arbitrary) over the lookups sorted by row
                  (segments.py): step s copies d_out[bag of sorted lookup] for K lookups, runs a
@@ -62,8 +63,11 @@ SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _LANES = 128
 _SUBLANES = 8
 _F32 = jnp.float32
-# Bytes of one VMEM row-buffer slot that ``for_shape`` aims for (the kernels use two, plus staging).
-_SLOT_BYTES = 4 << 20
+# ``for_shape`` takes the widest block_d up to _WIDEST_BLOCK_D whose VMEM row slot (the kernels use two,
+# plus staging) fits _SLOT_BYTES: wide slices mean fewer DMA descriptors, which the scalar unit issues
+# one by one.
+_SLOT_BYTES = 8 << 20
+_WIDEST_BLOCK_D = 2048
 HBM_BYTES_PER_SECOND = {"v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 
 
@@ -113,12 +117,13 @@ class BlockSizes:
 
   @classmethod
   def for_shape(cls, bag_size: int, value_dim: int) -> "BlockSizes":
-    """The defaults, with block_d shrunk to a divisor of value_dim whose row slot fits _SLOT_BYTES."""
+    """The defaults, with block_d the widest divisor of value_dim (<= 2048) whose slot of
+    bags_per_step * L8 rows fits 8 MiB."""
     d = cls()
     if value_dim % _LANES:
       raise ValueError(f"{value_dim=} must be a multiple of {_LANES} for backend 'pallas_tpu'")
     rows = d.bags_per_step * _round_up(bag_size, _SUBLANES)
-    cap = max(_LANES, min(d.block_d, _SLOT_BYTES // (4 * rows)))
+    cap = max(_LANES, min(_WIDEST_BLOCK_D, _SLOT_BYTES // (4 * rows)))
     return cls(block_d=_largest_divisor(value_dim, cap, _LANES), bags_per_step=d.bags_per_step,
                rows_per_step=d.rows_per_step, lookups_per_call=d.lookups_per_call)
 
@@ -169,7 +174,7 @@ def _start_rows(row_of, count: int, table, buf_slot, sem, col0, bd: int):
     pltpu.make_async_copy(table.at[pl.ds(row_of(j), 1), pl.ds(col0, bd)], buf_slot.at[pl.ds(j, 1)],
                           sem).start()
     return carry
-  lax.fori_loop(0, count, body, 0)
+  lax.fori_loop(0, count, body, 0, unroll=_SUBLANES)
 
 
 def _wait_rows(count, table, buf_slot, sem, bd: int):
@@ -177,7 +182,18 @@ def _wait_rows(count, table, buf_slot, sem, bd: int):
   def body(j, carry):
     pltpu.make_async_copy(table.at[pl.ds(0, 1), pl.ds(0, bd)], buf_slot.at[pl.ds(0, 1)], sem).wait()
     return carry
-  lax.fori_loop(0, count, body, 0)
+  lax.fori_loop(0, count, body, 0, unroll=_SUBLANES)
+
+
+def _next_in_chain(s2, c, cols):
+  """The (bag step, column block) after (s2, c) in a chain that runs the column blocks innermost."""
+  last_col = c + 1 == cols
+  return jnp.where(last_col, s2 + 1, s2), jnp.where(last_col, 0, c + 1)
+
+
+def _halves(steps: int) -> int:
+  """Bag steps split in two parallel chains when they can be (a megacore chip runs one per core)."""
+  return 2 if steps % 2 == 0 else 1
 
 
 def _column(scalars, dtype):
@@ -225,30 +241,34 @@ def _forward_kernel(idx_ref, w_ref, values_hbm, *refs, groups: int, bag8: int, b
   # idx_ref, w_ref: SMEM [chunk lookups]; values_hbm: HBM [M, Dv]; refs: (out_prev?), out [G, bd],
   # buf VMEM [2, K, bd], sem DMA [2].
   out_ref, buf, sem = refs[-3:]
-  c, s, steps = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
+  h, s2, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  half, cols = pl.num_programs(1), pl.num_programs(2)
   k = groups * bag8
-  col0 = pl.multiple_of(c * bd, _LANES)
   table = _row_table(values_hbm, packed)
+  q = s2 * cols + c  # position in this half's chain of (bag step, column block)
 
-  def start(step, slot):
-    first = step * k
+  def start(step, col, slot):
+    first = (h * half + step) * k
     row_of = (lambda j: idx_ref[first + j] >> 1) if packed else (lambda j: idx_ref[first + j])
-    _start_rows(row_of, k, table, buf.at[slot], sem.at[slot], col0, bd)
+    _start_rows(row_of, k, table, buf.at[slot], sem.at[slot], pl.multiple_of(col * bd, _LANES), bd)
 
-  @pl.when(s == 0)
+  @pl.when(q == 0)
   def _():
-    start(0, 0)
+    start(0, 0, 0)
 
-  @pl.when(s + 1 < steps)
+  next_s2, next_c = _next_in_chain(s2, c, cols)
+
+  @pl.when(next_s2 < half)
   def _():
-    start(s + 1, (s + 1) & 1)
+    start(next_s2, next_c, (q + 1) & 1)
 
-  slot = s & 1
+  slot = q & 1
   _wait_rows(k, table, buf.at[slot], sem.at[slot], bd)
+  first = (h * half + s2) * k
   for g in range(groups):
     def tile(t, acc_8xD, g=g):
       row0 = pl.multiple_of(g * bag8 + t * _SUBLANES, _SUBLANES)
-      p0 = s * k + row0
+      p0 = first + row0
       x_8xD = _gather_tile(buf.at[slot], row0, idx_ref, p0, packed, bd)
       w_8xD = _widen(_column([w_ref[p0 + i] for i in range(_SUBLANES)], _F32), bd)
       return acc_8xD + w_8xD * x_8xD
@@ -261,8 +281,9 @@ def _forward_call(values, idx_CxL, w_CxL, out_prev, bag0: int, bags_total: int, 
   """Output rows bag0 .. bag0 + C of a [bags_total, Dv] fp32 buffer (written in place of out_prev)."""
   (m, d), (nb, bag8) = values.shape, idx_CxL.shape
   g, bd, packed = bs.bags_per_step, bs.block_d, _packed(values)
-  k = g * bag8
-  step0 = bag0 // g
+  k, steps = g * bag8, nb // g
+  halves = _halves(steps)
+  half, step0 = steps // halves, bag0 // g
   kernel = functools.partial(_forward_kernel, groups=g, bag8=bag8, bd=bd, packed=packed)
   in_specs = [pl.BlockSpec(memory_space=pl.ANY)]
   args = [idx_CxL.reshape(-1), w_CxL.reshape(-1), values]
@@ -270,8 +291,8 @@ def _forward_call(values, idx_CxL, w_CxL, out_prev, bag0: int, bags_total: int, 
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
     args.append(out_prev)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(d // bd, nb // g), in_specs=in_specs,
-      out_specs=pl.BlockSpec((g, bd), lambda c, s, idx, w: (s + step0, c)),
+      num_scalar_prefetch=2, grid=(halves, half, d // bd), in_specs=in_specs,
+      out_specs=pl.BlockSpec((g, bd), lambda h, s, c, idx, w: (h * half + s + step0, c)),
       scratch_shapes=[pltpu.VMEM((2, k, bd), jnp.uint32 if packed else values.dtype),
                       pltpu.SemaphoreType.DMA((2,))])
   row_bytes = bd * 4  # a packed bf16 row slice is a uint32 word row
@@ -279,7 +300,8 @@ def _forward_call(values, idx_CxL, w_CxL, out_prev, bag0: int, bags_total: int, 
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((bags_total, d), _F32),
       input_output_aliases={3: 0} if out_prev is not None else {},
-      compiler_params=_params("parallel", "arbitrary", vmem_bytes=2 * k * row_bytes + 2 * g * bd * 4),
+      compiler_params=_params("parallel", "arbitrary", "arbitrary",
+                              vmem_bytes=2 * k * row_bytes + 2 * g * bd * 4),
       cost_estimate=pl.CostEstimate(flops=2 * nb * bag8 * d, transcendentals=0, bytes_accessed=moved),
       interpret=interpret, name="memjax_bag_forward",
   )(*args)
@@ -309,8 +331,7 @@ def _weight_grad_kernel(idx_ref, values_hbm, dout_ref, *refs, groups: int, bag8:
   def _():
     start(0, 0, 0)
 
-  last_col = c + 1 == cols
-  next_s2, next_c = jnp.where(last_col, s2 + 1, s2), jnp.where(last_col, 0, c + 1)
+  next_s2, next_c = _next_in_chain(s2, c, cols)
 
   @pl.when(next_s2 < half)
   def _():
@@ -331,7 +352,7 @@ def _weight_grad_kernel(idx_ref, values_hbm, dout_ref, *refs, groups: int, bag8:
       return carry
     lax.fori_loop(0, bag8 // _SUBLANES, tile, 0)
 
-  @pl.when(last_col)
+  @pl.when(c + 1 == cols)
   def _():
     for g in range(groups):
       rows_Lx128 = dots[g * bag128:(g + 1) * bag128, :]
@@ -343,7 +364,7 @@ def _weight_grad_call(values, idx_CxL, dout_CxD, dw_prev, bag0: int, bags_total:
   (m, d), (nb, bag8) = values.shape, idx_CxL.shape
   g, bd, packed = bs.bags_per_step, bs.block_d, _packed(values)
   k, bag128, steps = g * bag8, _round_up(bag8, _LANES), nb // g
-  halves = 2 if steps % 2 == 0 else 1  # a megacore chip runs one half per core
+  halves = _halves(steps)
   step0 = bag0 // g
   kernel = functools.partial(_weight_grad_kernel, groups=g, bag8=bag8, bag128=bag128, bd=bd, packed=packed)
   in_specs = [pl.BlockSpec(memory_space=pl.ANY),
@@ -532,17 +553,19 @@ def _dense_grad(values, idx_BxL, w_BxL, dout_BxD, bs: BlockSizes, interpret: boo
 
 
 def _bag_layout(idx_BxL, w_BxL, m: int, bs: BlockSizes, odd_row: int | None):
-  """Clamped, padded [Bp, L8] indices and weights; lookups of ``odd_row`` get row 0 and weight 0."""
+  """Clamped, padded [Bp, L8] indices and weights (None: no weights); lookups of ``odd_row`` get row
+  0 and weight 0."""
   b, bag = idx_BxL.shape
   bag8, bp = _round_up(bag, _SUBLANES), _round_up(b, bs.bags_per_step)
+  pad = ((0, bp - b), (0, bag8 - bag))
   idx = jnp.clip(idx_BxL, 0, m - 1).astype(jnp.int32)
-  w = w_BxL.astype(_F32)
+  w = None if w_BxL is None else w_BxL.astype(_F32)
   if odd_row is not None:
-    w = jnp.where(idx == odd_row, 0.0, w)
+    w = None if w is None else jnp.where(idx == odd_row, 0.0, w)
     idx = jnp.where(idx == odd_row, 0, idx)
   if (bp, bag8) != (b, bag):
-    idx = jnp.pad(idx, ((0, bp - b), (0, bag8 - bag)))
-    w = jnp.pad(w, ((0, bp - b), (0, bag8 - bag)))
+    idx = jnp.pad(idx, pad)
+    w = None if w is None else jnp.pad(w, pad)
   return idx, w
 
 
@@ -577,7 +600,7 @@ def forward(values, idx_BxL, w_BxL, *, block_sizes=None, interpret=False):
 def _weight_grad(values, idx_BxL, dout_BxD, bs: BlockSizes, interpret: bool):
   (m, d), (b, bag) = values.shape, idx_BxL.shape
   odd_row = _odd_row(values)
-  idx, _ = _bag_layout(idx_BxL, jnp.zeros(idx_BxL.shape, _F32), m, bs, odd_row)
+  idx, _ = _bag_layout(idx_BxL, None, m, bs, odd_row)
   bp, bag8 = idx.shape
   dout = dout_BxD.astype(_F32)
   dout = jnp.pad(dout, ((0, bp - b), (0, 0))) if bp != b else dout
@@ -619,10 +642,12 @@ def roofline_seconds(kernel: str, *, num_slots: int, value_dim: int, bags: int, 
     compulsory, moved = n * d * item + bags * d * 4 + scalars, n * d * 4 + bags * d * 4 + scalars
   elif kernel == "weight_grad":
     compulsory, moved = n * d * item + bags * d * 4 + scalars, n * d * 4 + bags * d * 4 + scalars
-  elif kernel == "row_grads":  # d_out rows in, one fp32 sum per run out (at most N runs)
-    compulsory = moved = n * d * 4 + n * d * 4 + scalars + n * 4
-  elif kernel == "backward_dense":  # row sums into a zero [M, Dv] table (the zeros are written too)
-    compulsory = moved = n * d * 4 + num_slots * d * item + min(n, num_slots) * d * item + scalars
+  elif kernel == "row_grads":  # d_out rows in, all N output rows out; the kernel also zero-fills first
+    compulsory = 2 * n * d * 4 + scalars + n * 4
+    moved = compulsory + n * d * 4
+  elif kernel == "backward_dense":  # d_out rows in, the [M, Dv] table out (zero-filled, then row sums)
+    compulsory = n * d * 4 + num_slots * d * item + scalars
+    moved = compulsory + min(n, num_slots) * d * 4
   else:
     raise ValueError(f"{kernel=} is not one of forward, weight_grad, row_grads, backward_dense")
   bw = HBM_BYTES_PER_SECOND[chip]
