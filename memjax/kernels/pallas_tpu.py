@@ -32,9 +32,12 @@ Kernels (fp32 accumulation; no atomics):
   segment sum    grid (Dv / bd parallel, N / K arbitrary) over the lookups sorted by row
                  (segments.py): step s copies d_out[bag of sorted lookup] for K lookups, runs a
                  sum that restarts at every new key, and at the last lookup of a key DMAs the sum
-                 to output row ``key``: key = run number (row_grads: [N, Dv] fp32) or table row
-                 (dense d_values: [M, Dv], written straight into a zero table; bf16 tables write a
-                 packed word row per row pair). A run open at a chunk's end is carried to the next.
+                 to output row ``key``: key = run number (row_grads: [N, Dv] fp32; the last call
+                 DMAs zeros to the padding rows U .. N) or table row (dense d_values: [M, Dv],
+                 written straight into a zero table; bf16 tables write a packed word row per row
+                 pair). A run open at a chunk's end is carried to the next. The sum runs one row
+                 at a time ([1, bd] vector ops, 1/8 of the VPU's sublanes): the kernel that most
+                 likely falls short of its roofline on hardware.
 
 Roofline (bytes the kernel moves / HBM bandwidth; ``roofline_seconds``) per chip, from Google Cloud's
 TPU pages (2026-12): v5e 819 GB/s (cloud.google.com/tpu/docs/v5e), v5p 2765 GB/s
@@ -393,14 +396,14 @@ def _weight_grad_call(values, idx_CxL, dout_CxD, dw_prev, bag0: int, bags_total:
 # ----- segment sum over sorted lookups ----------------------------------------------------------------
 
 
-def _segment_kernel(src_ref, w_ref, key_ref, flags_ref, dout_hbm, carry_in_ref, out_prev_hbm, out_hbm,
-                    carry_out_ref, buf, stage, carry, sem, wsem, nwrites, *, k: int, bd: int,
-                    chunk: int, packed: bool):
-  # src/w/key: SMEM [chunk] (d_out row, weight, output key of each sorted lookup); flags: SMEM [2]
-  # (the first key continues the previous chunk's, the last key continues into the next chunk);
-  # dout_hbm HBM [B, Dv] fp32; carry_in/out [8, bd] (rows 0, 1: the open run's sums);
-  # out HBM (aliased to out_prev): [keys, Dv] fp32, or uint32 [M / 2, Dv] words of a bf16 table.
-  del out_prev_hbm
+def _segment_kernel(src_ref, w_ref, key_ref, flags_ref, dout_hbm, carry_in_ref, *refs, k: int, bd: int,
+                    chunk: int, packed: bool, out_rows: int, zero_tail: bool):
+  # src/w/key: SMEM [chunk] (d_out row, weight, output key of each sorted lookup); flags: SMEM [5]
+  # (the first key continues the previous chunk's; the last key continues into the next chunk;
+  # for zero_tail: the number of keys U, U rounded up to K, that over K); dout_hbm HBM [B, Dv] fp32;
+  # carry_in/out [8, bd] (rows 0, 1: the open run's sums); refs: (out_prev?), then out HBM (aliased
+  # to out_prev): [keys, Dv] fp32, or uint32 [M / 2, Dv] words of a bf16 table; then scratch.
+  out_hbm, carry_out_ref, buf, stage, carry, sem, wsem, nwrites = refs[-8:]
   c, s, steps = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
   col0 = pl.multiple_of(c * bd, _LANES)
   out = out_hbm.bitcast(jnp.uint32) if packed and out_hbm.dtype != jnp.uint32 else out_hbm
@@ -451,38 +454,65 @@ def _segment_kernel(src_ref, w_ref, key_ref, flags_ref, dout_hbm, carry_in_ref, 
   carry[0:1, :] = acc_lo
   carry[1:2, :] = acc_hi
 
-  def wait_write(i, c_):
-    pltpu.make_async_copy(stage.at[pl.ds(0, 1)], out.at[pl.ds(0, 1), pl.ds(0, bd)], wsem.at[0]).wait()
+  def rows_copy(rows, r0):  # stage rows -> out rows r0 .. r0 + rows (waits need only the size)
+    return pltpu.make_async_copy(stage.at[pl.ds(0, rows)], out.at[pl.ds(r0, rows), pl.ds(col0, bd)],
+                                 wsem.at[0])
+
+  def wait_one(i, c_):
+    rows_copy(1, 0).wait()
     return c_
-  lax.fori_loop(0, nwrites[0], wait_write, 0)
+  lax.fori_loop(0, nwrites[0], wait_one, 0)
 
   @pl.when(s == steps - 1)
   def _():
     carry_out_ref[...] = carry[...]
 
+  if zero_tail:  # the last call writes zeros to the rows no key reached: U .. out_rows
+    @pl.when(s == steps - 1)
+    def _():
+      stage[...] = jnp.zeros_like(stage)
+      keys, keys_up, block0 = flags_ref[2], flags_ref[3], flags_ref[4]
+      rows_down = out_rows // k * k
+      ranges = [(1, keys, keys_up), (k, block0, rows_down // k), (1, jnp.maximum(keys_up, rows_down), out_rows)]
+      for rows, lo, hi in ranges:
+        def start_zeros(r, c_, rows=rows):
+          rows_copy(rows, pl.multiple_of(r * rows, rows) if rows > 1 else r).start()
+          return c_
+        lax.fori_loop(lo, hi, start_zeros, 0)
+      for rows, lo, hi in ranges:
+        def wait_zeros(r, c_, rows=rows):
+          rows_copy(rows, 0).wait()
+          return c_
+        lax.fori_loop(lo, hi, wait_zeros, 0)
 
-def _segment_call(src_C, w_C, key_C, flags_2, dout_BxD, carry_8xD, out, packed: bool, bs: BlockSizes,
-                  interpret: bool):
-  """One chunk of sorted lookups: (out with the chunk's finished keys written, carry_8xD)."""
+
+def _segment_call(src_C, w_C, key_C, flags, dout_BxD, carry_8xD, out, packed: bool, zero_tail: bool,
+                  bs: BlockSizes, interpret: bool):
+  """One chunk of sorted lookups: (out with the chunk's finished keys written, carry_8xD).
+
+  ``out`` is the buffer to write in place, or a ShapeDtypeStruct for the first call to create."""
   chunk, d, k, bd = src_C.shape[0], dout_BxD.shape[1], bs.rows_per_step, bs.block_d
-  kernel = functools.partial(_segment_kernel, k=k, bd=bd, chunk=chunk, packed=packed)
+  kernel = functools.partial(_segment_kernel, k=k, bd=bd, chunk=chunk, packed=packed, out_rows=out.shape[0],
+                             zero_tail=zero_tail)
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   carry_spec = pl.BlockSpec((_SUBLANES, bd), lambda c, s, *_: (0, c))
+  create = isinstance(out, jax.ShapeDtypeStruct)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4, grid=(d // bd, chunk // k), in_specs=[any_spec, carry_spec, any_spec],
-      out_specs=[any_spec, carry_spec],
+      num_scalar_prefetch=4, grid=(d // bd, chunk // k),
+      in_specs=[any_spec, carry_spec] + ([] if create else [any_spec]), out_specs=[any_spec, carry_spec],
       scratch_shapes=[pltpu.VMEM((2, k, bd), _F32), pltpu.VMEM((k, bd), jnp.uint32 if packed else _F32),
                       pltpu.VMEM((_SUBLANES, bd), _F32), pltpu.SemaphoreType.DMA((2,)),
                       pltpu.SemaphoreType.DMA((1,)), pltpu.SMEM((1,), jnp.int32)])
   moved = 2 * chunk * d * 4 + chunk * 12  # rows in, at most one sum out per lookup, scalars
+  args = (src_C, w_C, key_C, flags, dout_BxD, carry_8xD) + (() if create else (out,))
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=(jax.ShapeDtypeStruct(out.shape, out.dtype), jax.ShapeDtypeStruct((_SUBLANES, d), _F32)),
-      input_output_aliases={6: 0},
+      input_output_aliases={} if create else {6: 0},
       compiler_params=_params("parallel", "arbitrary", vmem_bytes=3 * k * bd * 4 + 4 * _SUBLANES * bd * 4),
       cost_estimate=pl.CostEstimate(flops=2 * chunk * d, transcendentals=0, bytes_accessed=moved),
       interpret=interpret, name="memjax_bag_segment_sum",
-  )(src_C, w_C, key_C, flags_2, dout_BxD, carry_8xD, out)
+  )(*args)
 
 
 def _chunks(total: int, size: int):
@@ -490,9 +520,15 @@ def _chunks(total: int, size: int):
 
 
 def _segment_sum(src_N, w_N, key_N, dout_BxD, out, packed: bool, bs: BlockSizes, interpret: bool):
-  """Writes, for every key, the sum of w * d_out[src] over its lookups (sorted by key) into out."""
+  """Writes, for every key, the sum of w * d_out[src] over its lookups (sorted by key) into ``out``.
+
+  ``out``: a zero array (rows no key reaches stay as they are), or a ShapeDtypeStruct: then the keys
+  must be 0 .. U - 1 in order (runs), and the last call zeroes rows U and after."""
   n, k = src_N.shape[0], bs.rows_per_step
   n_pad = _round_up(n, k)
+  zero_tail = isinstance(out, jax.ShapeDtypeStruct)
+  keys = key_N[-1].astype(jnp.int32) + 1  # for runs: U
+  keys_up = jnp.minimum((keys + k - 1) // k * k, out.shape[0])
   if n_pad != n:  # weight-0 lookups of the last key
     pad = n_pad - n
     src_N = jnp.concatenate([src_N, jnp.zeros((pad,), jnp.int32)])
@@ -500,12 +536,13 @@ def _segment_sum(src_N, w_N, key_N, dout_BxD, out, packed: bool, bs: BlockSizes,
     key_N = jnp.concatenate([key_N, jnp.broadcast_to(key_N[-1:], (pad,))])
   cmp_N = key_N >> 1 if packed else key_N
   carry = jnp.zeros((_SUBLANES, dout_BxD.shape[1]), _F32)
-  for lo, hi in _chunks(n_pad, bs.lookups_per_call):  # SMEM holds one chunk of the scalars
+  chunks = _chunks(n_pad, bs.lookups_per_call)  # SMEM holds one chunk of the scalars
+  for i, (lo, hi) in enumerate(chunks):
     cont_in = cmp_N[lo - 1] == cmp_N[lo] if lo > 0 else jnp.bool_(False)
     cont_out = cmp_N[hi - 1] == cmp_N[hi] if hi < n_pad else jnp.bool_(False)
-    flags = jnp.stack([cont_in, cont_out]).astype(jnp.int32)
-    out, carry = _segment_call(src_N[lo:hi], w_N[lo:hi], key_N[lo:hi], flags, dout_BxD, carry, out,
-                               packed, bs, interpret)
+    flags = jnp.stack([cont_in.astype(jnp.int32), cont_out.astype(jnp.int32), keys, keys_up, keys_up // k])
+    out, carry = _segment_call(src_N[lo:hi], w_N[lo:hi], key_N[lo:hi], flags, dout_BxD, carry, out, packed,
+                               zero_tail and i == len(chunks) - 1, bs, interpret)
   return out
 
 
@@ -524,7 +561,7 @@ def _run_grads(idx_BxL, w_BxL, dout_BxD, num_slots, bs: BlockSizes, interpret: b
   _, rows_N, src_N, w_N = _sorted_lookups(idx_BxL, w_BxL)
   run_start_N, _, run_rows_U = segments.run_layout(rows_N, num_slots)
   run_N = jnp.cumsum(run_start_N.astype(jnp.int32)) - 1
-  grads = jnp.zeros((n, dout_BxD.shape[1]), _F32)  # padding runs stay zero
+  grads = jax.ShapeDtypeStruct((n, dout_BxD.shape[1]), _F32)  # the last call zeroes the padding runs
   grads = _segment_sum(src_N, w_N, run_N, dout_BxD.astype(_F32), grads, False, bs, interpret)
   return run_rows_U, grads
 
@@ -642,9 +679,8 @@ def roofline_seconds(kernel: str, *, num_slots: int, value_dim: int, bags: int, 
     compulsory, moved = n * d * item + bags * d * 4 + scalars, n * d * 4 + bags * d * 4 + scalars
   elif kernel == "weight_grad":
     compulsory, moved = n * d * item + bags * d * 4 + scalars, n * d * 4 + bags * d * 4 + scalars
-  elif kernel == "row_grads":  # d_out rows in, all N output rows out; the kernel also zero-fills first
-    compulsory = 2 * n * d * 4 + scalars + n * 4
-    moved = compulsory + n * d * 4
+  elif kernel == "row_grads":  # d_out rows in; all N output rows out (U run sums, then zeros)
+    compulsory = moved = 2 * n * d * 4 + scalars + n * 4
   elif kernel == "backward_dense":  # d_out rows in, the [M, Dv] table out (zero-filled, then row sums)
     compulsory = n * d * 4 + num_slots * d * item + scalars
     moved = compulsory + min(n, num_slots) * d * 4
