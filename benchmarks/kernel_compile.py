@@ -39,6 +39,8 @@ TARGETS = {  # name -> (platform, topology name or spec file, HBM bytes/s)
     "v6e": ("tpu", "v6e:2x2", 1640e9),
     # NVIDIA's H100 SXM page: 3.35 TB/s; the XLA spec says memory_bandwidth 3352320000000.
     "h100": ("cuda", "h100_sxm.txtpb", 3.35e12),
+    # NVIDIA's H200 page: 4.8 TB/s (the XLA spec's memory_bandwidth is the same).
+    "h200": ("cuda", "h200.txtpb", 4.8e12),
 }
 M = 2**20
 BAGS = 8192
