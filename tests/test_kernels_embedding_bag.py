@@ -126,6 +126,15 @@ def test_tpu_kernels_chunked_padded_and_duplicated(m, dtype):
                                err_msg=name)
 
 
+def test_tpu_forward_and_weight_grad_in_several_bag_chunks():
+  """20 bags (padded to 24) in calls of 8 bags: outputs written in place, d_out blocks offset."""
+  values, idx, w, dout = _inputs(21, m=50, d=256, b=20, bag=8)
+  got = _run("pallas_tpu_interpret", _TPU_ODD, values, idx, w, dout)
+  want = _run("xla", None, values, idx, w, dout)
+  for name, g, r in zip(("out", "d_values", "d_weights"), got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("bag", [12, 16])
 def test_tpu_row_grads_runs_across_chunks(bag):
   _, idx, w, dout = _few_rows_inputs(bag, m=29, d=256, b=5, bag=bag, dtype=np.float32)

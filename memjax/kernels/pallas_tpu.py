@@ -362,7 +362,7 @@ def _weight_grad_kernel(idx_ref, values_hbm, dout_ref, *refs, groups: int, bag8:
       dw_ref[g:g + 1, :] = rows_Lx128.T[0:1, :bag8]
 
 
-def _weight_grad_call(values, idx_CxL, dout_CxD, dw_prev, bag0: int, bags_total: int, bs: BlockSizes,
+def _weight_grad_call(values, idx_CxL, dout_BxD, dw_prev, bag0: int, bags_total: int, bs: BlockSizes,
                       interpret: bool):
   (m, d), (nb, bag8) = values.shape, idx_CxL.shape
   g, bd, packed = bs.bags_per_step, bs.block_d, _packed(values)
@@ -371,8 +371,8 @@ def _weight_grad_call(values, idx_CxL, dout_CxD, dw_prev, bag0: int, bags_total:
   step0 = bag0 // g
   kernel = functools.partial(_weight_grad_kernel, groups=g, bag8=bag8, bag128=bag128, bd=bd, packed=packed)
   in_specs = [pl.BlockSpec(memory_space=pl.ANY),
-              pl.BlockSpec((g, bd), lambda h, s, c, idx: (h * (steps // halves) + s, c))]
-  args = [idx_CxL.reshape(-1), values, dout_CxD]
+              pl.BlockSpec((g, bd), lambda h, s, c, idx: (h * (steps // halves) + s + step0, c))]
+  args = [idx_CxL.reshape(-1), values, dout_BxD]  # all of d_out: its block index adds bag0
   if dw_prev is not None:
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
     args.append(dw_prev)
@@ -643,7 +643,7 @@ def _weight_grad(values, idx_BxL, dout_BxD, bs: BlockSizes, interpret: bool):
   dout = jnp.pad(dout, ((0, bp - b), (0, 0))) if bp != b else dout
   dw = None
   for lo, hi in _bag_chunks(bp, bag8, bs):
-    dw = _weight_grad_call(values, idx[lo:hi], dout[lo:hi], dw, lo, bp, bs, interpret)
+    dw = _weight_grad_call(values, idx[lo:hi], dout, dw, lo, bp, bs, interpret)
   dw = dw[:b, :bag] if (bp, bag8) != (b, bag) else dw
   if odd_row is not None:
     clipped = jnp.clip(idx_BxL, 0, m - 1)
