@@ -27,8 +27,8 @@ Kernels (fp32 accumulation; no atomics):
                  output block [G, bd]; each 8-row tile is weighted by a column of 8 SMEM weights and
                  summed per bag.
   weight grad    the forward's grid and chain: dots of each copied row slice with d_out[b]
-                 accumulate across the column blocks in VMEM;
-                 after the last block they are transposed into the lane-major dw block [G, L8].
+                 accumulate across the column blocks in VMEM; after the last block they are
+                 transposed into the lane-major dw block [G, L8].
   segment sum    grid (Dv / bd parallel, N / K arbitrary) over the lookups sorted by row
                  (segments.py): step s copies d_out[bag of sorted lookup] for K lookups, runs a
                  sum that restarts at every new key, and at the last lookup of a key DMAs the sum
@@ -46,7 +46,12 @@ pallas/mosaic/tpu_info.py uses 1.64e12). Each pallas_call carries a ``pl.CostEst
 bytes, so XLA's ``optimal_seconds`` for a kernel-only program is that estimate through XLA's cost
 model, not a measurement.
 
-``interpret=True`` runs the kernels in Pallas interpret mode (any platform; tests on CPU).
+``interpret=True`` runs the kernels in Pallas interpret mode (any platform; tests on CPU). Interpret
+mode cannot DMA into a bitcast ref, so there the bf16 dense gradient's word rows come back as a
+uint32 array that XLA unpacks (the kernel body is the same).
+
+Compiling deviceless (benchmarks/kernel_compile.py): kernels avoid ``//`` and ``%`` on traced
+integers (shifts and masks instead), whose Mosaic lowering asks ``get_tpu_info()`` for the device.
 """
 
 from __future__ import annotations
