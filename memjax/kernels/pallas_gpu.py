@@ -14,7 +14,7 @@ Kernels (all accumulate in fp32; each program owns one output block, so no atomi
 The sort of the lookups by row (segments.py) is a stable XLA argsort.
 
 Compiled deviceless for sm_90 (benchmarks/kernel_compile.py, H100/H200 specs in memjax/scale/targets)
-the default tiles need 0.5-4 KiB of shared memory per launch (of 227 KiB) and ptxas reports no spills
+the default tiles need 0.5-2 KiB of shared memory per launch (of 227 KiB), ptxas reports <= 128 registers and no spills
 at values 2^20 x {1024, 2048, 4096}, bags of 128 and 256. A deviceless compile of ``backward`` or
 ``row_grads`` with more than ~22k lookups fails with "cudaErrorInvalidDevice: invalid device
 ordinal": XLA's GPU SortRewriter turns the argsort of segments.sort_lookups into a CUB radix sort
