@@ -21,7 +21,7 @@ CASES = {
     "xla_loop": (None, 24),
     "cpu": (None, 24),
     "pallas_gpu_interpret": (pallas_gpu.BlockSizes(block_l=4, block_d=8, block_n=4), 16),
-    "pallas_tpu_interpret": (pallas_tpu.BlockSizes(block_d=128, rows_per_step=4, lookups_per_call=16), 256),
+    "pallas_tpu_interpret": (pallas_tpu.BlockSizes(block_d=128, rows_per_step=8, lookups_per_call=16), 256),
 }
 
 
@@ -96,6 +96,80 @@ def test_bf16_values_accumulate_in_fp32(backend):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-2)
 
 
+# ----- the streaming TPU kernels: chunking, padding, runs across chunks, bf16 word rows ---------------
+
+# Segment chunks of 24 sorted lookups (3 steps of 8) and forward chunks of one bag step: with 5 bags of
+# 12 (padded to 8 bags of 16), the segment sum gets 3 chunks, the last one short.
+_TPU_ODD = pallas_tpu.BlockSizes(block_d=128, bags_per_step=8, rows_per_step=8, lookups_per_call=24)
+
+
+def _few_rows_inputs(seed, m, d, b, bag, dtype):
+  """Many duplicates: a handful of rows, one of them read by more lookups than a chunk holds."""
+  values, _, w, dout = _inputs(seed, m=m, d=d, b=b, bag=bag, dtype=dtype)
+  rng = np.random.default_rng(seed)
+  idx = rng.choice(np.array([0, 1, m - 2, m - 1]), size=(b, bag)).astype(np.int32)
+  idx[:3] = m - 1  # 36 lookups of the last row: one run longer than a chunk
+  return values, idx, w, dout
+
+
+@pytest.mark.parametrize("m", [12, 13])  # even and odd tables (odd bf16: the last row has no word row)
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_tpu_kernels_chunked_padded_and_duplicated(m, dtype):
+  values, idx, w, dout = _few_rows_inputs(m, m=m, d=256, b=5, bag=12, dtype=np.float32)
+  values = jnp.asarray(values, dtype)
+  got = _run("pallas_tpu_interpret", _TPU_ODD, values, idx, w, dout)
+  want = _run("xla", None, values, idx, w, dout)
+  tol = 1e-5 if dtype == np.float32 else 8e-3  # bf16 d_values: one rounding of the fp32 sum
+  for name, g, r in zip(("out", "d_values", "d_weights"), got, want):
+    assert not np.isnan(np.asarray(g, np.float32)).any(), f"{name} has unwritten elements"
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol,
+                               err_msg=name)
+
+
+def test_tpu_forward_and_weight_grad_in_several_bag_chunks():
+  """20 bags (padded to 24) in calls of 8 bags: outputs written in place, d_out blocks offset."""
+  values, idx, w, dout = _inputs(21, m=50, d=256, b=20, bag=8)
+  got = _run("pallas_tpu_interpret", _TPU_ODD, values, idx, w, dout)
+  want = _run("xla", None, values, idx, w, dout)
+  for name, g, r in zip(("out", "d_values", "d_weights"), got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("bag", [12, 16])
+def test_tpu_row_grads_runs_across_chunks(bag):
+  _, idx, w, dout = _few_rows_inputs(bag, m=29, d=256, b=5, bag=bag, dtype=np.float32)
+  fn = jax.jit(embedding_bag_row_grads, static_argnames=("num_slots", "backend", "block_sizes"))
+  rows, grads = fn(idx, w, dout, num_slots=29, backend="pallas_tpu_interpret", block_sizes=_TPU_ODD)
+  want_rows, want_grads = fn(idx, w, dout, num_slots=29, backend="xla")
+  np.testing.assert_array_equal(rows, want_rows)
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(grads)[np.asarray(rows) == 29] == 0.0)
+
+
+def test_tpu_bf16_dense_gradient_writes_both_rows_of_a_word():
+  """Rows 2i and 2i + 1 share a word row of a bf16 table: sums into either, both, or neither."""
+  m, d = 10, 128
+  values = jnp.asarray(np.random.default_rng(0).standard_normal((m, d)), jnp.bfloat16)
+  idx = np.array([[2, 3, 3, 4], [9, 9, 6, 2], [3, 4, 7, 6]], np.int32)  # word rows 1, 2, 3, 4: all cases
+  w = np.arange(1, 13, dtype=np.float32).reshape(3, 4) / 7
+  dout = np.random.default_rng(1).standard_normal((3, d)).astype(np.float32)
+  bs = pallas_tpu.BlockSizes(block_d=128, rows_per_step=8, lookups_per_call=8)
+  _, dv, _ = _run("pallas_tpu_interpret", bs, values, idx, w, dout)
+  _, want, _ = _run("xla", None, values, idx, w, dout)
+  np.testing.assert_allclose(np.asarray(dv, np.float32), np.asarray(want, np.float32), rtol=8e-3, atol=1e-6)
+  untouched = np.setdiff1d(np.arange(m), idx)
+  assert np.all(np.asarray(dv, np.float32)[untouched] == 0.0)
+
+
+def test_tpu_roofline_counts_bytes():
+  r = pallas_tpu.roofline_seconds("forward", num_slots=2**20, value_dim=1024, bags=8192, bag_size=128,
+                                  value_dtype=jnp.bfloat16, chip="v5p")
+  n = 8192 * 128
+  assert r["compulsory_bytes"] == n * 1024 * 2 + 8192 * 1024 * 4 + n * 8
+  assert r["moved_bytes"] == n * 1024 * 4 + 8192 * 1024 * 4 + n * 8  # bf16 rows move as word rows
+  assert r["roofline_seconds"] == pytest.approx(r["moved_bytes"] / 2765e9)
+
+
 @pytest.mark.parametrize("d", [8, 16, 300])  # a tail of < 16 columns only; one vector; 256 + 32 + 12
 def test_cpu_kernel_column_blocking(d):
   values, idx, w, dout = _inputs(d, m=50, d=d, b=5, bag=7)
@@ -163,7 +237,7 @@ def test_pallas_tpu_lowers_to_mosaic_for_tpu(dtype):
   full, rows = _lower("pallas_tpu", "tpu", dtype)
   assert full.count("tpu_custom_call") == 3
   assert rows.count("tpu_custom_call") == 1
-  for name in ("memjax_bag_forward", "memjax_bag_weight_grad", "memjax_bag_segment_scan"):
+  for name in ("memjax_bag_forward", "memjax_bag_weight_grad", "memjax_bag_segment_sum"):
     assert name in full
 
 
@@ -192,8 +266,6 @@ def test_auto_falls_back_to_xla_for_dtypes_kernels_reject():
      r"bag_size=8 must be a multiple of block_l=16"),
     ("pallas_tpu", pallas_tpu.BlockSizes(block_d=256), (16, 384, 8), np.float32,
      r"value_dim=384 must be a multiple of block_d=256"),
-    ("pallas_tpu", pallas_tpu.BlockSizes(block_d=128, rows_per_step=8), (16, 128, 12), np.float32,
-     r"bag_size=12 must be a multiple of rows_per_step=8"),
     ("pallas_tpu", None, (16, 100, 8), np.float32, r"value_dim=100 must be a multiple of 128"),
     ("pallas_tpu", None, (16, 128, 8), np.float16, r"values.dtype=dtype\('float16'\)"),
     ("cpu", None, (16, 64, 8), np.float16, r"values.dtype=dtype\('float16'\)"),
@@ -214,7 +286,9 @@ def test_unsupported_shapes_and_dtypes_name_the_values(backend, block_sizes, sha
     (lambda: pallas_gpu.BlockSizes(block_d=96), r"block_d=96 must be a positive power of two"),
     (lambda: pallas_gpu.BlockSizes(num_stages=0), r"num_stages=0"),
     (lambda: pallas_tpu.BlockSizes(block_d=100), r"block_d=100 must be a positive multiple of 128"),
-    (lambda: pallas_tpu.BlockSizes(rows_per_step=3, lookups_per_call=16), r"lookups_per_call=16 must be a multiple"),
+    (lambda: pallas_tpu.BlockSizes(rows_per_step=24, lookups_per_call=16), r"lookups_per_call=16 must be a multiple"),
+    (lambda: pallas_tpu.BlockSizes(rows_per_step=12), r"rows_per_step=12 must be a positive multiple of 8"),
+    (lambda: pallas_tpu.BlockSizes(bags_per_step=4), r"bags_per_step=4 must be a positive multiple of 8"),
 ])
 def test_block_sizes_validate(make, match):
   with pytest.raises(ValueError, match=match):
@@ -227,7 +301,12 @@ def test_block_sizes_are_frozen_and_fit_the_shape():
   with pytest.raises(AttributeError):
     bs.block_l = 4  # frozen
   tpu = pallas_tpu.BlockSizes.for_shape(bag_size=12, value_dim=384)
-  assert (tpu.block_d, tpu.rows_per_step) == (384, 6)
+  assert (tpu.block_d, tpu.bags_per_step) == (384, 8)
+  # A step copies bags_per_step * L rows of block_d columns: as wide as 2048 while a slot fits 8 MiB.
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=128, value_dim=1024).block_d == 1024
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=128, value_dim=4096).block_d == 2048
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=256, value_dim=4096).block_d == 1024
+  assert pallas_tpu.BlockSizes.for_shape(bag_size=512, value_dim=4096).block_d == 512
 
 
 def test_cpu_falls_back_to_xla_with_a_clear_message(monkeypatch):

@@ -36,6 +36,7 @@ def _both(s1, s2, k, wrap=jax.jit):
 
 
 @needs_kernel
+@pytest.mark.parametrize("wrap", [jax.jit, lambda f: f], ids=["jit", "eager"])
 @pytest.mark.parametrize("lead,n,k", [
     ((3, 2), 256, 32),   # the knowledge sweep's shape, per token and head
     ((5,), 100, 100),    # k == n
@@ -47,10 +48,10 @@ def _both(s1, s2, k, wrap=jax.jit):
     ((3,), 1100, 129),   # the smallest k without it
     ((2,), 2**15, 32),   # the largest n, few rows
 ])
-def test_kernel_equals_xla_on_random_scores(lead, n, k, variant):
+def test_kernel_equals_xla_on_random_scores(lead, n, k, wrap):
   rng = np.random.default_rng(n * 100 + k)
   s1, s2 = (rng.standard_normal((*lead, n)).astype(np.float32) for _ in range(2))
-  kernel, xla = _both(s1, s2, k, wrap=variant)
+  kernel, xla = _both(s1, s2, k, wrap=wrap)
   assert kernel[0].shape == (*lead, k)
   _assert_same(kernel, xla)
   # The contract itself: sorted descending, each score the fp32 sum of its sub-keys' scores.

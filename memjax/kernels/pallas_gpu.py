@@ -13,6 +13,16 @@ Kernels (all accumulate in fp32; each program owns one output block, so no atomi
                  Row-sparse gradients: S = N, offsets = run starts (``xla.py``).
 The sort of the lookups by row (``xla.py``) is a stable XLA argsort.
 
+Compiled deviceless for sm_90 (benchmarks/kernel_compile.py, H100/H200 specs in memjax/scale/targets)
+the default tiles need 0.5-2 KiB of shared memory per launch (of 227 KiB), ptxas reports <= 128 registers and no spills
+at values 2^20 x {1024, 2048, 4096}, bags of 128 and 256. A deviceless compile of ``backward`` or
+``row_grads`` with more than ~22k lookups fails with "cudaErrorInvalidDevice: invalid device
+ordinal": XLA's GPU SortRewriter turns the argsort of segments.sort_lookups into a CUB radix sort
+(on Hopper for 32-bit keys above 22,000 elements) and asks CUB, through the CUDA runtime, for its
+scratch size at compile time. Compile such programs with
+``compiler_options={"xla_gpu_enable_cub_radix_sort": False}`` (or that flag in XLA_FLAGS) when no GPU
+is present; on a GPU, keep the CUB sort.
+
 ``interpret=True`` runs the same kernels in Pallas interpret mode (any platform; tests on CPU).
 The Triton backend is chosen by passing ``jax.experimental.pallas.triton.CompilerParams``, which the
 lowering turns into a ``__gpu$xla.gpu.triton`` custom call (no jax-triton needed).
