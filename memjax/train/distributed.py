@@ -47,6 +47,8 @@ _KEY = "memjax/alive/{}"
 
 _watchdog: "Watchdog | None" = None
 _sigint = threading.Event()
+_finishing = threading.Event()  # this process's run is over: it waits in the shutdown barrier
+_exit_code = [0]
 
 
 def _client():
@@ -73,6 +75,10 @@ class Watchdog(threading.Thread):
 
   def _lose(self, peer: int, why: str) -> None:
     self.lost = (peer, why)
+    if _finishing.is_set():
+      _say_and_exit(f"error: process {peer} of {self.process_count} was lost ({why}) while the run was ending; "
+                    f"process {self.process_index} had finished it. Restart every process with the same command "
+                    "to finish it on all of them")
     _say_and_exit(f"error: process {peer} of {self.process_count} was lost ({why}); process {self.process_index} "
                   "stops without saving. Restart every process with the same command: the run resumes from the "
                   "newest checkpoint all processes finished")
@@ -89,6 +95,9 @@ class Watchdog(threading.Thread):
       except Exception as e:  # noqa: BLE001 - the service (process 0) is gone
         if self._stop_event.is_set():
           return
+        if _finishing.is_set():  # the barrier passed and process 0 closed the service: our run is complete
+          sys.stdout.flush()
+          os._exit(_exit_code[0])
         self._lose(0, f"the coordination service on process 0 stopped answering: {' '.join(str(e).split())[:120]}")
       now = time.monotonic()
       for peer in range(self.process_count):
@@ -153,10 +162,18 @@ def stop_requested(step: int) -> int | None:
   return None
 
 
-def shutdown_watchdog() -> None:
-  """Stops the heartbeats before a clean exit (the others then finish their own steps)."""
-  if _watchdog is not None:
-    _watchdog.stop()
+def finish(code: int) -> int:
+  """Ends a run that finished (or stopped together) on every process: waits in JAX's shutdown barrier
+  with the watchdog still on (a peer lost now still ends this process with one line), then stops it.
+  Returns ``code``, the exit code, also used if the coordinator closes the service first."""
+  if _watchdog is None:
+    return code
+  import jax
+  _exit_code[0] = code
+  _finishing.set()
+  jax.distributed.shutdown()
+  _watchdog.stop()
+  return code
 
 
 def wait_for_verdict() -> None:

@@ -150,10 +150,9 @@ def train_main(raw_config, workdir: str, *, reshard_data: bool = False) -> int:
     return fail(f"error: {str(e).splitlines()[0]}", 2)
   except TrainingError as e:
     return fail(f"error: {e}", 1)
-  except Interrupted as e:
-    distributed.shutdown_watchdog()  # every process stops at this step: the peers are exiting too
-    print(str(e), file=sys.stderr)
-    return e.code
+  except Interrupted as e:  # every process stops at this step: the peers are exiting too
+    print(str(e), file=sys.stderr, flush=True)
+    return distributed.finish(e.code)
   except KeyboardInterrupt:  # before the loop's handlers are installed (data preparation, compiling)
     return fail("interrupted before training started: nothing to save", 128 + signal.SIGINT)
   except OSError as e:  # the environment, not the code: disk full, permissions, a vanished path
@@ -166,14 +165,13 @@ def train_main(raw_config, workdir: str, *, reshard_data: bool = False) -> int:
     # process; if none comes, say what failed.
     distributed.wait_for_verdict()
     return fail(f"error: a collective with the other processes failed ({' '.join(str(e).split())[:200]})", 1)
-  distributed.shutdown_watchdog()
   m = result.metrics
   summary = [f"step {result.step}"]
   for key in ("loss", "val_loss", "qa_exact_match", "qa_chance", "kl", "used"):
     if key in m:
       summary.append(f"{key} {m[key]:.4g}")
-  print("done: " + ", ".join(summary) + f"  (workdir {result.workdir})")
-  return 0
+  print("done: " + ", ".join(summary) + f"  (workdir {result.workdir})", flush=True)
+  return distributed.finish(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
