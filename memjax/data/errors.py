@@ -31,7 +31,7 @@ def jsonl_objects(blob: bytes, path: str, on_undecodable=None, expected: str = "
   first line).
 
   Example:
-    >>> list(jsonl_objects(b'{"a": 1}\n\n{"b": 2}', "f.jsonl"))
+    >>> list(jsonl_objects(b'{"a": 1}\\n\\n{"b": 2}', "f.jsonl"))
     [(1, {'a': 1}), (3, {'b': 2})]
   """
   import json
