@@ -325,3 +325,59 @@ def test_cpu_falls_back_to_xla_with_a_clear_message(monkeypatch):
   finally:
     cpu._state.clear()
     cpu._state.update(saved)
+
+
+# ----- "auto" follows the platform the computation is lowered for --------------------------------------
+
+_CPU_FFI = ("memjax_bag_forward", "memjax_bag_weight_grad", "memjax_bag_value_grad", "memjax_bag_row_grads")
+
+
+def _lowered(fn, platform, *args):
+  """The custom-call targets of ``fn`` lowered for ``platform`` (Pallas kernels share our FFI names as
+  kernel names, so match call targets, not text)."""
+  import re
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return set(re.findall(r'custom_call @?"?([\w$.]+)', text))
+
+
+def test_auto_takes_the_kernel_of_the_lowering_platform_not_the_host():
+  values = jax.ShapeDtypeStruct((4096, 128), jnp.float32)
+  idx = jax.ShapeDtypeStruct((64, 16), jnp.int32)
+  w = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+  fwd_bwd = lambda v, i, ww: jax.grad(lambda v, ww: embedding_bag(v, i, ww).sum(), argnums=(0, 1))(v, ww)
+  cpu_text, tpu_text, cuda_text = (_lowered(fwd_bwd, p, values, idx, w) for p in ("cpu", "tpu", "cuda"))
+  assert {"memjax_bag_weight_grad", "memjax_bag_value_grad"} <= cpu_text  # the C++ kernels on CPU
+  assert tpu_text == {"tpu_custom_call"}  # Mosaic on TPU
+  assert cuda_text == {"__gpu$xla.gpu.triton"}  # Triton on GPU
+  rows = lambda i, ww, d: embedding_bag_row_grads(i, ww, d, 4096)
+  dout = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+  assert "memjax_bag_row_grads" in _lowered(rows, "cpu", idx, w, dout)
+  assert "memjax_bag_row_grads" not in _lowered(rows, "tpu", idx, w, dout)
+
+
+def test_auto_falls_back_per_platform_when_a_kernel_refuses_the_shape():
+  # 64 columns: pallas_tpu needs multiples of 128, so TPU gets XLA while CPU keeps its kernel.
+  values = jax.ShapeDtypeStruct((4096, 64), jnp.float32)
+  idx = jax.ShapeDtypeStruct((64, 16), jnp.int32)
+  w = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+  bag = lambda v, i, ww: embedding_bag(v, i, ww)
+  assert "tpu_custom_call" not in _lowered(bag, "tpu", values, idx, w)
+  assert "memjax_bag_forward" in _lowered(bag, "cpu", values, idx, w)
+
+
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_train_step_lowered_for_accelerators_holds_no_cpu_kernel(update):
+  from configs import tiny
+  from memjax.config_bridge import config_from_dict
+  from memjax.train.step import make_step_fns
+  c = tiny.get_config()
+  c.model.memory.value_update = update
+  cfg = config_from_dict(c).with_vocab(259)
+  fns = make_step_fns(cfg.model, cfg.train)
+  state = jax.eval_shape(fns.init, 0)
+  batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.float32 if k == "loss_mask" else jnp.int32)
+           for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+  for platform in ("tpu", "cuda"):
+    text = _lowered(fns.train_step, platform, state, batch)
+    assert not any(t in text for t in _CPU_FFI + ("memjax_product_topk",)), platform
+  assert "memjax_product_topk" in _lowered(fns.train_step, "cpu", state, batch)

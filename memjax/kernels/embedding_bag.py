@@ -23,7 +23,10 @@ its own run; the weight gradient is a gather and a dot):
   pallas_gpu            Pallas, Triton lowering (pallas_gpu.py)
   pallas_tpu            Pallas, Mosaic lowering, indices by scalar prefetch (pallas_tpu.py)
   pallas_*_interpret    the same kernels in Pallas interpret mode: run anywhere (tests on CPU)
-``auto`` takes the first of ``AUTO_ORDER[jax.default_backend()]`` that accepts the arguments.
+``auto`` picks per platform, for the platform the computation is *lowered* for (never the host's
+default backend: a step compiled on a CPU host for TPU or GPU gets that platform's kernel): for each
+of cpu, gpu and tpu the first backend of ``AUTO_ORDER[platform]`` that accepts the arguments, the
+three joined by ``jax.lax.platform_dependent`` (one branch is emitted per lowering).
 """
 
 from __future__ import annotations
@@ -96,14 +99,18 @@ AUTO_ORDER: dict[str, list[str]] = {
 }
 
 
-def resolve_backend(backend: str) -> str:
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
   """Maps ``backend`` ("auto" or a name in ``BACKENDS``) to a concrete registered backend name.
 
-  "auto" gives the first registered name in ``AUTO_ORDER[jax.default_backend()]`` (``embedding_bag``
-  additionally skips backends whose ``check`` rejects its arguments).
+  "auto" gives the first registered name in ``AUTO_ORDER[platform]`` (default: this process's
+  default backend). Ops choose per lowering platform instead (``embedding_bag`` additionally skips
+  backends whose ``check`` rejects its arguments).
   """
   if backend == "auto":
-    platform = jax.default_backend()
+    platform = jax.default_backend() if platform is None else platform
     for name in AUTO_ORDER.get(platform, ["xla"]):
       if name in BACKENDS:
         return name
@@ -113,8 +120,9 @@ def resolve_backend(backend: str) -> str:
   return backend
 
 
-def _select(backend: str, values, idx_BxL, w_BxL, block_sizes) -> str:
-  """The backend to run: explicit names are checked (errors propagate); auto skips what fails."""
+def _select(backend: str, values, idx_BxL, w_BxL, block_sizes):
+  """The backend to run: an explicit name (checked; errors propagate), or for "auto" one name per
+  platform of ``PLATFORMS`` (a tuple; one name if they agree), each the first that accepts the arguments."""
   if backend != "auto":
     name = resolve_backend(backend)
     if BACKENDS[name].check is not None:
@@ -122,7 +130,12 @@ def _select(backend: str, values, idx_BxL, w_BxL, block_sizes) -> str:
     elif block_sizes is not None:
       raise ValueError(f"backend {name!r} takes no block sizes, got {block_sizes=}")
     return name
-  candidates = [n for n in AUTO_ORDER.get(jax.default_backend(), []) if n in BACKENDS] + ["xla"]
+  names = tuple(_first_accepting(p, values, idx_BxL, w_BxL, block_sizes) for p in PLATFORMS)
+  return names[0] if len(set(names)) == 1 else names
+
+
+def _first_accepting(platform: str, values, idx_BxL, w_BxL, block_sizes) -> str:
+  candidates = [n for n in AUTO_ORDER.get(platform, []) if n in BACKENDS] + ["xla"]
   reasons = []
   for name in candidates:
     try:
@@ -187,12 +200,32 @@ def _batchable_backward(name: str, block_sizes):
   return backward
 
 
+def per_platform(fns: dict):
+  """``{platform in PLATFORMS: fn}`` as one function that runs the lowering platform's ``fn``."""
+  def call(*args):
+    return lax.platform_dependent(*args, cpu=fns["cpu"], cuda=fns["gpu"], rocm=fns["gpu"], tpu=fns["tpu"],
+                                  default=fns["cpu"])
+  return call
+
+
 def _forward_fn(name, block_sizes):
+  if isinstance(name, tuple):  # auto: one backend per platform
+    return per_platform({p: _forward_fn(n, block_sizes) for p, n in zip(PLATFORMS, name)})
   return BACKENDS[name].forward if name == "xla" else _batchable_forward(name, block_sizes)
 
 
 def _backward_fn(name, block_sizes):
+  if isinstance(name, tuple):
+    return per_platform({p: _backward_fn(n, block_sizes) for p, n in zip(PLATFORMS, name)})
   return BACKENDS[name].backward if name == "xla" else _batchable_backward(name, block_sizes)
+
+
+def _row_grads_fn(name, num_slots: int, block_sizes):
+  if isinstance(name, tuple):
+    return per_platform({p: _row_grads_fn(n, num_slots, block_sizes) for p, n in zip(PLATFORMS, name)})
+  if BACKENDS[name].row_grads is None:
+    return lambda idx, w, dout: xla.sorted_row_grads(idx, w, dout, num_slots)
+  return lambda idx, w, dout: BACKENDS[name].row_grads(idx, w, dout, num_slots, **_kw(block_sizes))
 
 
 # ----- the public op ----------------------------------------------------------------------------
@@ -241,7 +274,7 @@ def embedding_bag(values, indices, weights, *, backend: str = "auto", block_size
     values: [M, Dv] float table.
     indices: [..., L] integer rows, each in [0, M) (kernel backends clamp others to the table).
     weights: [..., L] float weights.
-    backend: "auto" (the first backend of ``AUTO_ORDER`` for the default platform that accepts the
+    backend: "auto" (per lowering platform, the first backend of ``AUTO_ORDER`` that accepts the
       arguments) or a name in ``BACKENDS``; an explicit name raises ValueError naming what it rejects.
     block_sizes: a Pallas backend's ``BlockSizes`` (``pallas_gpu.BlockSizes``/``pallas_tpu.BlockSizes``);
       None picks defaults that fit the shapes.
@@ -306,9 +339,7 @@ def embedding_bag_row_grads(indices, weights, d_out, num_slots: int, *, backend:
   dout_BxD = d_out.reshape(-1, d)
   table = jax.ShapeDtypeStruct((num_slots, d), d_out.dtype if d_out.dtype in _ROW_GRAD_DTYPES else jnp.float32)
   name = _select(backend, table, idx_BxL, w_BxL, block_sizes)
-  if BACKENDS[name].row_grads is None:
-    return xla.sorted_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots)
-  return BACKENDS[name].row_grads(idx_BxL, w_BxL, dout_BxD, num_slots, **_kw(block_sizes))
+  return _row_grads_fn(name, num_slots, block_sizes)(idx_BxL, w_BxL, dout_BxD)
 
 
 def embedding_bag_reference(values, indices, weights):
