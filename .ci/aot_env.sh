@@ -25,6 +25,7 @@ if [[ -z "$jax_version" ]]; then
   echo "aot_env: no jax== pin found in $repo/pyproject.toml" >&2
   exit 1
 fi
+# The same requirements as pyproject.toml's aot-tpu / aot-cuda extras.
 declare -A extra=([tpu]="jax[tpu]==$jax_version" [cuda]="jax[cuda12]==$jax_version")
 key=$(printf '%s\n' "$pins" "${extra[tpu]}" "${extra[cuda]}" | sha256sum | cut -c1-16)
 home=${MEMJAX_AOT_HOME:-$HOME/.cache/memjax/aot}/$key

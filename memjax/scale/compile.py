@@ -1,0 +1,174 @@
+"""Compile memjax's steps for real TPU and GPU targets on a machine without them (deviceless AOT).
+
+  python -m memjax.compile --config=configs/paper_373m.py --target=v5p-8 --mesh data=4 [--json]
+  python -m memjax.compile --config=configs/tiny.py --target=h100-4 --mesh data=2,memory=2 \\
+      --step=train --config.model.memory.value_update=sparse
+
+The accelerator's own compiler runs (libtpu / Mosaic for TPU, XLA GPU + Triton + ptxas for NVIDIA),
+so the step really compiles for the target and its limits (HBM, VMEM, shared memory) are enforced.
+Reported per device: argument, output, aliased and temporary bytes (``memory_analysis``), whether the
+step fits the target's HBM, the compiler's cost model (TPU: flops, bytes accessed and
+``optimal_seconds``, a cost-model estimate, not a measurement), the tokens/s and MFU that estimate
+implies, the collectives with their bytes (``memjax.scale.comms``), and the compile time.
+
+This needs the target's compiler in the running Python (``pip install -e '.[aot-tpu]'`` or
+``'.[aot-cuda]'`` in a venv of its own; ``bash .ci/aot_env.sh`` builds both outside the clone). Run
+from the main venv, the command re-runs itself in the venv ``.ci/aot_env.sh`` keeps (building it the
+first time) when this Python lacks the compiler.
+
+Steps: ``train`` (the train step as ``train.py`` jits it: dense or sparse value update, column or row
+value sharding, from the config), ``eval`` (the evaluation forward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from memjax.scale.targets import TARGETS, Target, devices, get
+
+STEPS = ("train", "eval")
+
+
+def _gpu_compiler_options(target: Target) -> dict:
+  # Without a device XLA cannot ask CUDA how much scratch CUB's radix sort needs (cudaErrorInvalidDevice
+  # at compile time for sorts over ~22k elements); the comparison sort compiles deviceless.
+  return {"xla_gpu_enable_cub_radix_sort": False} if target.platform == "cuda" else {}
+
+
+def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "train") -> dict:
+  """Compiles ``step`` of the run ``cfg`` (a ``memjax.config.Config`` with its vocabulary set) for
+  ``target`` on the mesh ``mesh_sizes`` (``{"data", "fsdp", "memory"}``, product = the target's chips)
+  and returns the report (a JSON-able dict; see the module doc)."""
+  import jax
+
+  from memjax import sharding
+  from memjax.scale import comms
+  from memjax.scale.plan import plan
+  from memjax.train.step import jit_steps, make_step_fns
+
+  target = get(target) if isinstance(target, str) else target
+  if step not in STEPS:
+    raise ValueError(f"--step={step!r} is not a step; allowed: {list(STEPS)}")
+  if math.prod(mesh_sizes.values()) != target.chips:
+    raise ValueError(f"--mesh {mesh_sizes} has {math.prod(mesh_sizes.values())} devices; target {target.name} "
+                     f"has {target.chips}")
+  tc = cfg.train
+  batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  if tc.batch_size % batch_shards:
+    raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+  mesh = sharding.make_mesh(mesh_sizes, devices(target))
+  steps = jit_steps(make_step_fns(cfg.model, tc), mesh, cfg.model.memory.value_sharding)
+  state, batch = steps.abstract_args(tc.batch_size, tc.seq_len)
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    fn = steps.train if step == "train" else steps.eval
+    compiled = fn.trace(state, batch).lower().compile(_gpu_compiler_options(target) or None)
+  seconds = time.time() - t0
+  m = compiled.memory_analysis()
+  mem = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+         "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
+  total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  cost = dict(cost) if cost else {}
+  estimate = cost.get("optimal_seconds")
+  tokens = tc.batch_size * tc.seq_len
+  factor = 3 if step == "train" else 1  # forward + backward = 3 forwards
+  model_flops = factor * cfg.model.flops_per_token(tc.seq_len) * tokens
+  p = plan(cfg.model, tc, mesh_sizes)
+  report = {
+      "target": target.name, "platform": target.platform, "topology": target.topology, "chips": target.chips,
+      "step": step, "mesh": mesh_sizes, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
+      "value_update": cfg.model.memory.value_update, "value_sharding": cfg.model.memory.value_sharding,
+      "dtype": cfg.model.dtype, "remat": getattr(cfg.model, "remat", "none"),
+      "compile_seconds": round(seconds, 1), "bytes_per_device": mem, "total_bytes_per_device": total,
+      "hbm_bytes": target.hbm_bytes, "fits": total <= target.hbm_bytes,
+      "compiler_flops": cost.get("flops"), "compiler_bytes_accessed": cost.get("bytes accessed"),
+      "compiler_seconds_estimate": estimate, "model_flops_per_step": model_flops,
+      "tokens_per_s_estimate": tokens / estimate if estimate and estimate > 0 else None,
+      "mfu_estimate": model_flops / (estimate * target.chips * target.peak_flops) if estimate and estimate > 0 else None,
+      "collectives": comms.summarize(comms.collectives(compiled)),
+      "plan_total_bytes_per_device": p["arguments_bytes"] + p["temp_bytes"],
+  }
+  return report
+
+
+def format_report(r: dict) -> str:
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  mem = r["bytes_per_device"]
+  lines = [f"{r['step']} step of {r['batch_size']} x {r['seq_len']} tokens on {r['target']} ({r['chips']} chips, "
+           f"mesh {r['mesh']}, values {r['value_update']} / {r['value_sharding']}): compiled in {r['compile_seconds']} s",
+           f"  per device: arguments {gib(mem['argument'])}, outputs {gib(mem['output'])} (aliased {gib(mem['alias'])}), "
+           f"temporaries {gib(mem['temp'])}; total {gib(r['total_bytes_per_device'])} of {gib(r['hbm_bytes'])} HBM: "
+           + ("fits" if r["fits"] else "DOES NOT FIT"),
+           f"  planner's total: {gib(r['plan_total_bytes_per_device'])}"]
+  if r["compiler_seconds_estimate"] is not None:
+    lines.append(f"  compiler's estimate: {r['compiler_seconds_estimate'] * 1e3:.1f} ms/step (cost model), "
+                 f"{r['tokens_per_s_estimate'] or 0:,.0f} tokens/s, MFU {100 * (r['mfu_estimate'] or 0):.1f}%")
+  else:
+    lines.append("  compiler's estimate: none (this target's compiler reports no cost model)")
+  lines += [f"  {kind:20s} x{v['count']:<4d} {v['bytes'] / 2**20:,.1f} MiB" for kind, v in r["collectives"].items()]
+  return "\n".join(lines)
+
+
+def _has_compiler(platform: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec("libtpu" if platform == "tpu" else "jax_plugins.xla_cuda12") is not None
+
+
+def _aot_python(platform: str) -> str | None:
+  """The python of ``.ci/aot_env.sh``'s venv for ``platform`` (built on first use), in a checkout."""
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".ci",
+                        "aot_env.sh")
+  if not os.path.exists(script):
+    return None
+  print(f"note: this Python has no {platform} compiler; using the venv of .ci/aot_env.sh {platform}", file=sys.stderr)
+  out = subprocess.run(["bash", script, platform], stdout=subprocess.PIPE, text=True)
+  return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def main(argv=None) -> int:
+  """``python -m memjax.compile``; bad input is one ``error:`` line and exit 2."""
+  from memjax.command import ArgumentParser, CommandLineError
+  from memjax.config import ConfigError
+  from memjax.scale.plan import load_config, parse_mesh
+  from memjax.train.main import split_config_overrides
+
+  argv = sys.argv[1:] if argv is None else list(argv)
+  import jax
+  jax.config.update("jax_platforms", "cpu")  # the target's compiler runs deviceless; no accelerator is used
+  parser = ArgumentParser(prog="python -m memjax.compile", description=__doc__.splitlines()[0],
+                          epilog="Override config fields with --config.<section>.<field>=VALUE.")
+  parser.add_argument("--config", required=True, help="a configs/*.py file")
+  parser.add_argument("--target", required=True, help="one of " + ", ".join(TARGETS))
+  parser.add_argument("--mesh", default=None, help="data=N,fsdp=N,memory=N (default: data = the target's chips)")
+  parser.add_argument("--step", default="train", help="one of " + ", ".join(STEPS))
+  parser.add_argument("--json", action="store_true", help="print the report as JSON")
+  try:
+    rest, overrides = split_config_overrides(argv)
+    args = parser.parse_args(rest)
+    target = get(args.target)
+    if args.step not in STEPS:
+      raise ValueError(f"--step={args.step!r} is not a step; allowed: {list(STEPS)}")
+    sizes = parse_mesh(args.mesh) if args.mesh else {"data": target.chips, "fsdp": 1, "memory": 1}
+    cfg = load_config(args.config, overrides)
+  except (ConfigError, CommandLineError, ValueError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  if not _has_compiler(target.platform) and not os.environ.get("MEMJAX_AOT_CHILD"):
+    python = _aot_python(target.platform)
+    if python:
+      env = {**os.environ, "MEMJAX_AOT_CHILD": "1", "JAX_PLATFORMS": "cpu"}
+      return subprocess.run([python, "-m", "memjax.compile", *argv], env=env).returncode
+  try:
+    report = compile_step(cfg, target, sizes, step=args.step)
+  except (RuntimeError, ValueError) as e:
+    print(f"error: {' '.join(str(e).split())[:400]}", file=sys.stderr)
+    return 2 if isinstance(e, ValueError) else 1
+  print(json.dumps(report, indent=1) if args.json else format_report(report))
+  return 0

@@ -1,0 +1,65 @@
+"""``python -m memjax.compile`` compiles train steps for a real TPU and a real GPU target from this CPU
+machine (deviceless AOT through libtpu / the CUDA plugin, in the venvs of ``.ci/aot_env.sh``): dense and
+sparse value updates, column and row value sharding, ``backend="auto"`` (each kernel chosen for the
+target's platform, not this host's). These run in CI (the venvs are built there on first use)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import CONFIGS, REPO, one_error_line
+
+CASES = [(u, vs) for u in ("dense", "sparse") for vs in ("column", "row")]
+
+
+def _aot_python(platform: str) -> str:
+  out = subprocess.run(["bash", os.path.join(REPO, ".ci", "aot_env.sh"), platform], capture_output=True, text=True,
+                       timeout=3000)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout.strip()
+
+
+SCRIPT = """
+import json, sys
+from memjax.scale.compile import compile_step
+from memjax.scale.plan import load_config
+rows = []
+for update, vs in {cases!r}:
+  cfg = load_config({config!r}, [("model.memory.value_update", update), ("model.memory.value_sharding", vs)])
+  rows.append(compile_step(cfg, {target!r}, dict(data=2, fsdp=1, memory=2)))
+print("RESULT" + json.dumps(rows))
+"""
+
+
+@pytest.mark.parametrize("target", ["v5p-8", "h100-4"])
+def test_train_steps_compile_for_the_target(target):
+  platform = "tpu" if target.startswith("v") else "cuda"
+  python = _aot_python(platform)
+  code = SCRIPT.format(cases=CASES, config=os.path.join(CONFIGS, "default.py"), target=target)
+  out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+  assert out.returncode == 0, out.stderr[-4000:]
+  rows = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+  assert [(r["value_update"], r["value_sharding"]) for r in rows] == CASES
+  for r in rows:
+    assert r["platform"] == platform and r["fits"] and r["bytes_per_device"]["temp"] > 0, r
+    assert r["collectives"], r  # a (data=2, memory=2) step communicates
+    if platform == "tpu":
+      assert r["compiler_seconds_estimate"] is not None and r["compiler_flops"] > 0, r
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--config=configs/tiny.py", "--target=v9x-8"], "--target='v9x-8'"),
+    (["--config=configs/tiny.py", "--target=v5p-8", "--mesh", "data=3"], "has 3 devices"),
+    (["--config=configs/tiny.py", "--target=v5p-8", "--step=decod"], "--step='decod'"),
+    (["--config=configs/tiny.py", "--target=v5p-8", "--config.train.stepz=1"], "--config.train.stepz"),
+    (["--target=v5p-8"], "--config"),
+], ids=["unknown-target", "mesh-vs-chips", "unknown-step", "unknown-field", "no-config"])
+def test_bad_input_exits_2_with_one_line(argv, text):
+  out = subprocess.run([sys.executable, "-m", "memjax.compile", *argv], capture_output=True,
+                       text=True, cwd=REPO, timeout=300, env={**os.environ, "MEMJAX_AOT_CHILD": "1"})
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert text in one_error_line(out.stderr)
