@@ -3,6 +3,7 @@
   python benchmarks/kill_soak.py                       # 1 process: 20 kills, configs/tiny.py, 16 steps
   python benchmarks/kill_soak.py --kills=100
   python benchmarks/kill_soak.py --processes=2 --kills=30   # 2 processes x 4 fake CPU devices
+  python benchmarks/kill_soak.py --async_checkpoint          # checkpoints written in the background
 
 1. An uninterrupted reference run (same command(s), same seed) gives the expected losses and parameters.
 2. Trials: a fresh workdir is run again and again with the same command(s); each attempt gets one
@@ -44,7 +45,8 @@ PHASES = ["anytime", "checkpoint", "export", "training", "training"]
 def _commands(workdir: str, data_dir: str, args, port: int) -> list[list[str]]:
   base = [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny.py"),
           f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", f"--config.train.steps={args.steps}",
-          f"--config.train.checkpoint_every={args.checkpoint_every}", "--config.train.log_every=1"]
+          f"--config.train.checkpoint_every={args.checkpoint_every}", "--config.train.log_every=1",
+          f"--config.train.async_checkpoint={args.async_checkpoint}"]
   if args.processes == 1:
     return [base]
   return [base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={args.processes}",
@@ -165,11 +167,12 @@ def main() -> None:
   parser.add_argument("--checkpoint_every", type=int, default=2)
   parser.add_argument("--processes", type=int, default=1, choices=(1, 2))
   parser.add_argument("--lost_process_timeout", type=float, default=10.0)
+  parser.add_argument("--async_checkpoint", action="store_true", help="checkpoints written in the background")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  out = args.out or os.path.join(REPO, "benchmarks", "results",
-                                 "kill_soak.json" if args.processes == 1 else "kill_soak_2proc.json")
+  out = args.out or os.path.join(REPO, "benchmarks", "results", "kill_soak" + ("" if args.processes == 1 else "_2proc")
+                                 + ("_async" if args.async_checkpoint else "") + ".json")
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "memjax-test-jax-cache"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   import portpicker
@@ -250,6 +253,7 @@ def main() -> None:
   print(f"{'total':36s} {len(kills):5d} {total_ok:18d}" + (f" {survivors_ok:12d}" if multi else "")
         + f"   ({len(trials)} trials, {time.time() - t0:.0f} s)")
   result = {"command": "python benchmarks/kill_soak.py " + " ".join(sys.argv[1:]), "processes": args.processes,
+            "async_checkpoint": args.async_checkpoint,
             "steps": args.steps, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
             "lost_process_timeout": args.lost_process_timeout if multi else None,
             "clean_run_seconds": round(t_ref, 1), "kills": kills, "trials": trials, "by_phase": table,

@@ -520,7 +520,9 @@ class TrainConfig(_Checked):
   weight_decay (matrices), value_weight_decay (tables). clip, value_clip: global-norm clips of the two
   parameter groups (0 = none). seed: initialisation. checkpoint_every, eval_every: 0 = only at the
   end. log_every: steps per metrics record. max_checkpoints kept. nan_policy: "stop" (exit 1) or
-  "skip" (leave the state unchanged for that step).
+  "skip" (leave the state unchanged for that step). microbatches: gradient accumulation, the batch
+  split into this many slices (rows i, i + k, ...) whose gradients are summed before one update.
+  async_checkpoint: Orbax writes checkpoints in the background while training goes on.
   """
 
   steps: int = 1000
@@ -545,9 +547,14 @@ class TrainConfig(_Checked):
   log_every: int = 10
   max_checkpoints: int = 3
   nan_policy: str = "stop"
+  microbatches: int = 1
+  async_checkpoint: bool = False
 
   def __post_init__(self):
-    self._ints("steps", "batch_size", "seq_len", "log_every", "max_checkpoints")
+    self._ints("steps", "batch_size", "seq_len", "log_every", "max_checkpoints", "microbatches")
+    self._bools("async_checkpoint")
+    if self.batch_size % self.microbatches:
+      self._fail("microbatches", f"must divide batch_size={self.batch_size}")
     self._ints("warmup_steps", "seed", "checkpoint_every", "eval_every", low=0)
     self._floats("lr", "value_lr_mult", "eps", strict=True)
     self._floats("value_lr", "weight_decay", "value_weight_decay", "clip", "value_clip")

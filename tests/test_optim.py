@@ -1,6 +1,7 @@
 """Value updates: dense and row-sparse agree where they must; sparse Adam matches its written
 semantics; the compiled sparse step holds no [slots, value_dim] temporary; training lowers the loss."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +162,26 @@ def test_chunked_sparse_adam_equals_one_update():
   for got, want in ((got_t, want_t), (got_s.mu, want_s.mu), (got_s.nu, want_s.nu)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   assert int(got_s.count) == int(want_s.count) == 4
+
+
+@pytest.mark.parametrize("update", ["dense", "sparse"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_microbatches_give_the_gradients_of_the_whole_batch(update, k):
+  batch = _batch(0, b=8)
+  batch["loss_mask"][1, :5] = 0  # microbatches with different token counts: the mean is token-weighted
+  whole = make_step_fns(_model_cfg(update), TrainConfig(steps=10))
+  split = make_step_fns(_model_cfg(update), TrainConfig(steps=10, microbatches=k))
+  state = whole.init(0)
+  loss_w, _, gp_w, gv_w = jax.jit(whole.grads)(state, batch)
+  loss_s, _, gp_s, gv_s = jax.jit(split.grads)(state, batch)
+  np.testing.assert_allclose(float(loss_s), float(loss_w), rtol=1e-6)
+  chex.assert_trees_all_close(gp_s, gp_w, rtol=1e-5, atol=1e-6)
+  if update == "dense":
+    chex.assert_trees_all_close(gv_s, gv_w, rtol=1e-5, atol=1e-6)
+  else:
+    for key in gv_w:
+      np.testing.assert_array_equal(gv_s[key][0], gv_w[key][0])  # the same rows
+      np.testing.assert_allclose(gv_s[key][1], gv_w[key][1], rtol=1e-5, atol=1e-6)
+  step = jax.jit(split.train_step)
+  _, metrics = step(state, batch)
+  assert float(metrics["loss"]) == pytest.approx(float(loss_w), rel=1e-6)

@@ -234,3 +234,16 @@ def test_a_failed_save_is_reported_and_earlier_checkpoints_stay_restorable(tmp_p
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)  # disk freed: the same run resumes
   assert run(cfg, str(workdir), progress=False).step == 6
   assert sorted(logged_losses(workdir)) == [2, 4, 6]
+
+
+# ----- asynchronous checkpoints -----------------------------------------------------------------------
+
+
+def test_async_checkpoints_hold_what_synchronous_ones_hold(tmp_path, data_dir):
+  for mode in (False, True):
+    run(tiny_config(data_dir, steps=6, checkpoint_every=1, log_every=1, async_checkpoint=mode, max_checkpoints=10),
+        str(tmp_path / str(mode)), progress=False)
+  steps = Checkpointer(str(tmp_path / "True")).all_steps()
+  assert steps == Checkpointer(str(tmp_path / "False")).all_steps() == [1, 2, 3, 4, 5, 6]
+  for step in steps:  # the next step donates the state's buffers while the save is still being written
+    chex.assert_trees_all_equal(checkpoint_tree(tmp_path / "True", step), checkpoint_tree(tmp_path / "False", step))

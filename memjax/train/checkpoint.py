@@ -48,11 +48,12 @@ class Checkpointer:
     >>> state, data_state, config = ckpt.restore(abstract_state) # doctest: +SKIP
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, asynchronous: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.damaged_directory = os.path.abspath(os.path.join(workdir, "checkpoints.damaged"))
+    self.asynchronous = asynchronous
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False,
+                                           enable_async_checkpointing=asynchronous,
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -81,13 +82,22 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def save(self, step: int, state, *, data_state: Any = None, config: dict | None = None) -> None:
+  def save(self, step: int, state, *, data_state: Any = None, config: dict | None = None, wait: bool = True) -> None:
+    """Saves ``step``. With ``asynchronous`` and ``wait=False`` the files are written in the background
+    (the step counts only once finalised; ``wait()`` or the next save waits for it). Orbax moves the
+    arrays to host memory before this returns (on CPU a view that PJRT keeps from being donated), so
+    the next train step may donate the state's buffers."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if wait or not self.asynchronous:
+      self.manager.wait_until_finished()
+
+  def wait(self) -> None:
+    """Waits for a background save to be finalised (a no-op for synchronous checkpoints)."""
     self.manager.wait_until_finished()
 
   def restore(self, abstract_state, step: int | None = None):

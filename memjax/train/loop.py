@@ -198,6 +198,10 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
   if tc.batch_size % batch_shards:
     raise ConfigError("train", "batch_size", tc.batch_size,
                       f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+  if (tc.batch_size // tc.microbatches) % batch_shards:
+    raise ConfigError("train", "microbatches", tc.microbatches,
+                      f"leaves {tc.batch_size // tc.microbatches} rows per microbatch, which must be divisible by "
+                      f"mesh.data * mesh.fsdp = {batch_shards}")
   created = not os.path.exists(workdir)
   check_workdir(workdir)
   try:
@@ -215,7 +219,7 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
   cfg = cfg.with_vocab(pipe.tokenizer.vocab_size)  # the tokenizer decides (model.vocab_size is for the planner)
   steps = jit_steps(make_step_fns(cfg.model, tc), mesh, cfg.model.memory.value_sharding)
 
-  ckpt = Checkpointer(workdir, max_to_keep=tc.max_checkpoints)
+  ckpt = Checkpointer(workdir, max_to_keep=tc.max_checkpoints, asynchronous=tc.async_checkpoint)
   config_json = config_to_dict(cfg)
   try:
     restored = restore_latest_good(ckpt, cfg, with_shardings(steps.abstract_state, steps.state_sharding))
@@ -241,20 +245,33 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
 
   saved: list[int] = []
 
-  def save(step_now: int, state_now) -> None:
+  def save(step_now: int, state_now, *, wait: bool = True) -> None:
+    """Checkpoints ``step_now``; ``wait=False`` lets an asynchronous checkpoint finish in the background."""
     if saved and saved[-1] == step_now:  # e.g. a stop request at a checkpoint step: saved already
+      if wait:
+        finished(step_now)
       return
     saved.append(step_now)
     try:
       # Every process's own data position (each reads its own shard): gathered, saved by process 0.
       states = distributed.allgather_json(pipe.train.get_state())
-      ckpt.save(step_now, state_now, data_state={"process_count": nproc, "states": states}, config=config_json)
+      ckpt.save(step_now, state_now, data_state={"process_count": nproc, "states": states}, config=config_json,
+                wait=wait)
     except Exception as e:  # Orbax may wrap the OSError (disk full, permissions) of a failed write
-      cause = _os_error_in(e)
-      if cause is None:
-        raise
-      raise TrainingError(f"saving the checkpoint of step {step_now} failed ({cause.strerror or cause}); "
-                          f"earlier checkpoints in {ckpt.directory} are intact") from None
+      raise_save_error(e, saved[-2] if len(saved) > 1 and tc.async_checkpoint else step_now)
+
+  def finished(step_now: int) -> None:
+    try:
+      ckpt.wait()
+    except Exception as e:  # noqa: BLE001
+      raise_save_error(e, step_now)
+
+  def raise_save_error(e: BaseException, step_now: int) -> None:
+    cause = _os_error_in(e)
+    if cause is None:
+      raise e
+    raise TrainingError(f"saving the checkpoint of step {step_now} failed ({cause.strerror or cause}); "
+                        f"earlier checkpoints in {ckpt.directory} are intact") from None
 
   received: list[int] = []
 
@@ -301,7 +318,7 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
         if pending is not None:
           last = _handle_metrics(pending, tc, logger, bar)
           pending = None
-        save(done, state)
+        save(done, state, wait=False)
       stop = received[0] if received else (distributed.stop_requested(done) if nproc > 1 else None)
       if stop is not None:
         if pending is not None:

@@ -145,23 +145,77 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
       inputs[pool.key] = PoolTaps(idx, wts, jnp.stack([g_taps[j] for j in pool.readers]))
     return loss, aux, g_params, inputs
 
-  def grads(state, batch):
-    """Loss, aux and gradients. The value gradient is dense (a State like ``values``) in dense
-    mode, and ``{pool key: (rows [U], row_grads [U, Dv])}`` in sparse mode (over the whole batch:
-    the train step under a mesh computes them per shard instead, ``optim.sharded_sparse_value_update``)."""
-    params, values = state["params"], state["values"]
-    if not sparse:
-      (loss, aux), (g_params, g_values) = jax.value_and_grad(
-          lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
-      return loss, aux, g_params, g_values
-    loss, aux, g_params, inputs = sparse_taps(params, values, batch)
-    g_values = {key: embedding_bag_row_grads(*taps, num_slots) for key, taps in inputs.items()}
+  def dense_grads(params, values, batch):
+    (loss, aux), (g_params, g_values) = jax.value_and_grad(
+        lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
     return loss, aux, g_params, g_values
+
+  one_pass = sparse_taps if sparse else dense_grads
+
+  def accumulated(params, values, batch):
+    """``one_pass`` over ``train.microbatches`` slices of the batch, summed: the gradients of the whole
+    batch's loss (the token-weighted mean cross-entropy; the MoE balancing loss is averaged over the
+    microbatches). Microbatch i holds rows i, i + k, i + 2k, ... so every batch shard splits locally.
+    The sparse update's taps are put back in the batch's row order."""
+    k = train_cfg.microbatches
+    if k == 1:
+      return one_pass(params, values, batch)
+    total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    micro = {key: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1) for key, x in batch.items()}
+
+    def weighted(p, v, mb, taps):
+      loss, aux = forward(p, v, mb, taps)
+      scaled = aux.ce * (aux.tokens / total) + aux.moe_loss / k
+      return scaled, aux
+
+    def body(acc, mb):
+      if sparse:
+        b, t = mb["inputs"].shape
+        taps = [jnp.zeros((b, t, model_cfg.memory.layer.value_dim), jnp.float32) for _ in range(readers)]
+        (loss, aux), (g_p, g_t) = jax.value_and_grad(lambda p, tp: weighted(p, values, mb, tp), argnums=(0, 1),
+                                                     has_aux=True)(params, taps)
+        g_second = None
+        out = {pool.key: PoolTaps(jnp.stack([aux.lookups[j][0].reshape(b, t, -1) for j in pool.readers]),
+                                  jnp.stack([aux.lookups[j][1].reshape(b, t, -1) for j in pool.readers]),
+                                  jnp.stack([g_t[j] for j in pool.readers])) for pool in pools}
+      else:
+        (loss, aux), (g_p, g_second) = jax.value_and_grad(lambda p, v: weighted(p, v, mb, None), argnums=(0, 1),
+                                                          has_aux=True)(params, values)
+        out = None
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      acc = {"loss": acc["loss"] + loss, "ce": acc["ce"] + aux.ce * (aux.tokens / total),
+             "moe": acc["moe"] + aux.moe_loss / k, "tokens": acc["tokens"] + aux.tokens,
+             "g_params": add(acc["g_params"], g_p),
+             "g_values": add(acc["g_values"], g_second) if g_second is not None else acc["g_values"]}
+      return acc, out
+
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+    acc0 = {"loss": jnp.zeros(()), "ce": jnp.zeros(()), "moe": jnp.zeros(()), "tokens": jnp.zeros(()),
+            "g_params": zeros(params), "g_values": None if sparse else zeros(values)}
+    acc, taps = jax.lax.scan(body, acc0, micro)
+    aux = LossAux(acc["ce"], acc["moe"], acc["tokens"], None)
+    if not sparse:
+      return acc["loss"], aux, acc["g_params"], acc["g_values"]
+
+    def unsplit(x_KxRxb):  # [k, R, b, ...] -> [R, b * k, ...] in the batch's row order (row m*k + i)
+      x = jnp.moveaxis(x_KxRxb, 0, 2)
+      return x.reshape(x.shape[0], x.shape[1] * k, *x.shape[3:])
+    return acc["loss"], aux, acc["g_params"], {key: PoolTaps(*map(unsplit, t)) for key, t in taps.items()}
+
+  def grads(state, batch):
+    """Loss, aux and gradients (accumulated over ``train.microbatches``). The value gradient is dense
+    (a State like ``values``) in dense mode, and ``{pool key: (rows [U], row_grads [U, Dv])}`` in sparse
+    mode (over the whole batch: the train step under a mesh computes them per shard instead,
+    ``optim.sharded_sparse_value_update``)."""
+    loss, aux, g_params, second = accumulated(state["params"], state["values"], batch)
+    if sparse:
+      second = {key: embedding_bag_row_grads(*taps, num_slots) for key, taps in second.items()}
+    return loss, aux, g_params, second
 
   def train_step(state, batch):
     params, values, step = state["params"], state["values"], state["step"]
     if sparse:
-      loss, aux, g_params, inputs = sparse_taps(params, values, batch)
+      loss, aux, g_params, inputs = accumulated(params, values, batch)
       new_value_opt, sq_norm = dict(state["value_opt"]), 0.0
       flat = {tuple(p): v for p, v in nnx.to_flat_state(values)}
       for pool in pools:
