@@ -39,6 +39,7 @@ VALUE_DTYPES = {
     "float16": jnp.float16,
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_MODES = ("none", "full", "matmuls")  # per block; memjax.model.REMAT_POLICIES
 
 # Values the data section may name (the data package reads them from here, so that building a config
 # never imports TFDS). Knowledge-base sizes: name -> (people, train biographies per person).
@@ -413,6 +414,10 @@ class ModelConfig(_Checked):
   Each block's feed-forward is a memory layer if its index is in ``memory.layers``, an MoE if in
   ``moe.layers``, else a dense SwiGLU FFN of width ``mlp_dim``. ``vocab_size`` 0 means "the
   tokenizer's": the trainer fills it in (``Config.with_vocab``) before a model is built.
+  ``dtype``: the compute dtype (``bfloat16``: matmuls and activations in bf16; parameters stay fp32
+  master weights, the loss, softmaxes and value gradients fp32). ``remat``: activation
+  rematerialisation per block: "none", "full" (keep each block's input, recompute the rest in the
+  backward pass) or "matmuls" (keep matmul outputs).
   """
 
   vocab_size: int = 0
@@ -424,6 +429,7 @@ class ModelConfig(_Checked):
   rope_theta: float = 10000.0
   dtype: str = "float32"
   tie_embeddings: bool = True
+  remat: str = "none"
   memory: LMMemoryConfig = LMMemoryConfig()
   moe: MoEConfig = MoEConfig()
 
@@ -432,6 +438,7 @@ class ModelConfig(_Checked):
     self._ints("dim", "num_layers", "num_heads", "head_dim", "mlp_dim")
     self._floats("rope_theta", strict=True)
     self._choice("dtype", COMPUTE_DTYPES)
+    self._choice("remat", REMAT_MODES)
     self._bools("tie_embeddings")
     if self.head_dim % 2:
       self._fail("head_dim", "must be even (RoPE rotates pairs)")

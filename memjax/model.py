@@ -131,6 +131,28 @@ class Block(nnx.Module):
     return h + out, aux
 
 
+REMAT_POLICIES = {
+    "none": None,  # keep every activation for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep each block's input; recompute the rest
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+}
+
+
+def _rematerialised(remat: str):
+  """How ``LM`` calls a block: directly, or under ``nnx.remat`` with ``REMAT_POLICIES[remat]`` (per block:
+  the backward pass recomputes what the policy does not save)."""
+  if remat == "none":
+    return lambda block, *args: block(*args)
+
+  def call(block, *args):
+    # A pure function of the block's state (not nnx.remat: a block holds the shared value pool, which
+    # nnx.remat would try to write back from inside the checkpointed trace).
+    graphdef, state = nnx.split(block)
+    run = lambda st, *a: nnx.merge(graphdef, st)(*a)
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, *args)
+  return call
+
+
 class LM(nnx.Module):
   """The language model. ``LM(cfg, rngs=nnx.Rngs(0))(tokens)`` -> ``(logits, aux)``.
 
@@ -176,9 +198,10 @@ class LM(nnx.Module):
     moe_loss = jnp.zeros((), jnp.float32)
     memory: list[MemoryOutput] = []
     taps = list(value_taps) if value_taps is not None else None
+    call = _rematerialised(self.cfg.remat)
     for block in self.blocks:
       tap = taps.pop(0) if (taps is not None and block.kind == "memory") else None
-      x, aux = block(x, positions_BxT, mask, tap)
+      x, aux = call(block, x, positions_BxT, mask, tap)
       if "moe_loss" in aux:
         moe_loss = moe_loss + aux["moe_loss"]
       if "memory" in aux:
