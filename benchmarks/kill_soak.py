@@ -152,7 +152,8 @@ def _survivor_ok(codes, victim, errs, survivor_s, args) -> tuple[bool, str]:
     if i == victim:
       continue
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.startswith("error: ")]
-    if code != 1 or len(lines) != 1 or f"process {victim}" not in lines[0] or "@ 0x" in err or "Traceback" in err:
+    named = f"process {victim}" in lines[0] if lines else False
+    if code != 1 or len(lines) != 1 or not named or "@ 0x" in err or "Traceback" in err:
       return False, f"process {i}: exit {code}; {lines[-1] if lines else err.strip().splitlines()[-1:]}"
   if survivor_s > args.lost_process_timeout + 15:
     return False, f"survivor took {survivor_s:.1f} s"

@@ -24,7 +24,8 @@ Per device (fp32 unless the config says otherwise):
                            batch shards the 1-device step's ~5 [lookups, Dv] buffers.
                (``gradients_bytes`` is the update phase; ``temp_bytes`` the larger one.)
                Checked against XLA's ``memory_analysis`` by ``benchmarks/plan_check.py``.
-  FLOPs/token  6 x ``ModelConfig.flops_per_token`` (forward + backward)
+  FLOPs/token  3 x ``ModelConfig.flops_per_token`` (which counts 2 FLOPs per multiply-add): forward +
+               backward (twice the forward)
   gathered     bytes of value rows one token reads: ``MemoryConfig.bytes_read_per_token`` x layers
   comms/step   data-parallel gradient all-reduce of the replicated parameter shards (and of the
                value table's shard in dense mode; sparse: an all-gather of the lookups' row ids and a
@@ -36,6 +37,7 @@ Per device (fp32 unless the config says otherwise):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -67,6 +69,15 @@ def _shard_elems(shape, axes, rules, sizes) -> int:
 
 def parameter_shards(model_cfg: ModelConfig, sizes: dict) -> dict:
   """{"params", "values", "replicated"}: per-device element counts (replicated = no axis splits it)."""
+  import dataclasses
+  # Only shapes and shardings matter: remat and dtype do not change them (cached across layouts).
+  key = dataclasses.replace(model_cfg, remat="none", dtype="float32")
+  return dict(_parameter_shards(key, tuple(sorted(sizes.items()))))
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_shards(model_cfg: ModelConfig, sizes_items: tuple) -> dict:
+  sizes = dict(sizes_items)
   import jax
   from flax import nnx
 
@@ -96,17 +107,41 @@ def parameter_shards(model_cfg: ModelConfig, sizes: dict) -> dict:
   return out
 
 
-def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str) -> int:
-  """Floats per token one block keeps for the backward pass (fp32, no rematerialisation)."""
+COMPILERS = ("xla", "tpu")
+# What the backward pass keeps differs by compiler: XLA on CPU and GPU keeps about what the jaxpr names
+# ("xla"); XLA on TPU fuses more and keeps one copy of the attention probabilities and much less
+# around the FFN ("tpu"). Both were fitted to ``memory_analysis`` of compiled steps (CPU: the 373M on
+# 8 and 64 fake devices; TPU v5p and H100: 2- and 4-block probes of the 373M at 1024 and 2048 tokens,
+# with and without remat and bf16; docs/planner.md has the comparison).
+
+
+def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str, compiler: str = "xla") -> int:
+  """Floats per token one block keeps for the backward pass (no rematerialisation)."""
   c, nh, dh, t = cfg.dim, cfg.num_heads, cfg.head_dim, seq_len
-  attn = 4 * c + 5 * nh * dh + 2 * nh * t  # norms, x, h; q, k, v, rotated q/k; scores and probabilities
-  if kind == "dense":
-    return attn + 4 * cfg.mlp_dim
-  if kind == "moe":
-    return attn + 4 * cfg.moe.top_k * cfg.moe_mlp_dim + cfg.moe.num_experts
+  if compiler == "tpu":
+    attn = 2 * c + 4 * nh * dh + nh * t  # x, h; q, k, v, attention output; the probabilities
+    ffn = {"dense": cfg.mlp_dim, "moe": cfg.moe.top_k * cfg.moe_mlp_dim + cfg.moe.num_experts}
+  else:
+    attn = 4 * c + 5 * nh * dh + 2 * nh * t  # norms, x, h; q, k, v, rotated q/k; scores and probabilities
+    ffn = {"dense": 4 * cfg.mlp_dim, "moe": 4 * cfg.moe.top_k * cfg.moe_mlp_dim + cfg.moe.num_experts}
+  if kind in ffn:
+    return attn + ffn[kind]
   mem = cfg.memory.layer
   h, k, n, dk, dv = mem.heads, mem.k, mem.n_keys, mem.key_dim, mem.value_dim
-  return attn + 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + 5 * dv
+  memory = 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + 5 * dv
+  return attn + (memory // 2 if compiler == "tpu" else memory)
+
+
+def _matmul_floats(cfg: ModelConfig, kind: str) -> int:
+  """Floats per token of a block's matmul outputs (what ``model.remat="matmuls"`` keeps)."""
+  c, hd = cfg.dim, cfg.num_heads * cfg.head_dim
+  attn = 3 * hd + c  # q, k, v projections and the output projection
+  if kind == "dense":
+    return attn + 2 * cfg.mlp_dim + c
+  if kind == "moe":
+    return attn + cfg.moe.num_experts + cfg.moe.top_k * (2 * cfg.moe_mlp_dim + c)
+  mem = cfg.memory.layer
+  return attn + mem.heads * mem.key_dim + 2 * mem.value_dim + c  # query; W1 and the read; W2
 
 
 def _table_shard(model_cfg: ModelConfig, sizes: dict) -> tuple[int, int]:
@@ -121,8 +156,43 @@ def _table_shard(model_cfg: ModelConfig, sizes: dict) -> tuple[int, int]:
   return mem.num_slots // split(spec[0]), mem.value_dim // split(spec[1])
 
 
-def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
-  """The per-device plan as a flat dict of numbers (bytes, FLOPs)."""
+def activation_bytes(model_cfg: ModelConfig, seq_len: int, tokens: int, compiler: str = "xla") -> int:
+  """Bytes the backward pass keeps for ``tokens`` tokens (one microbatch) on one device.
+
+  ``model.remat``: "none" keeps every block's activations; "full" each block's input (C per token)
+  plus one block's activations while it is recomputed; "matmuls" each block's matmul outputs plus one
+  block being recomputed. ``model.dtype`` "bfloat16" halves the blocks' activations; the logits
+  (and their softmax and gradient) stay fp32.
+  """
+  if compiler not in COMPILERS:
+    raise ValueError(f"compiler={compiler!r}; allowed: {list(COMPILERS)}")
+  mem = model_cfg.memory.layer
+  kinds = [model_cfg.block_kind(i) for i in range(model_cfg.num_layers)]
+  full = [_activation_floats(model_cfg, seq_len, k, compiler) for k in kinds]
+  if model_cfg.remat == "none":
+    blocks = sum(full)
+  elif model_cfg.remat == "full":
+    blocks = model_cfg.num_layers * model_cfg.dim + max(full)
+  else:
+    blocks = sum(_matmul_floats(model_cfg, k) for k in kinds) + max(full)
+  # bf16 halves what XLA on CPU/GPU keeps; on TPU the compiler kept no less in bf16 than in fp32 (measured).
+  width = 2 if model_cfg.dtype == "bfloat16" and compiler != "tpu" else 4
+  n_mem = len(model_cfg.memory.layers)
+  logits = (1.5 if compiler == "tpu" else 3) * model_cfg.vocab_size + 2 * model_cfg.dim
+  # Each memory layer's gathered value rows [tokens, H k, Dv], when the read is XLA's gather (backend
+  # "xla", and "auto" with the sparse update, which reads with XLA): the kernels keep none.
+  xla_read = model_cfg.memory.backend == "xla" or (model_cfg.memory.backend == "auto" and model_cfg.memory.row_sparse)
+  rows = n_mem * mem.heads * mem.k * mem.value_dim if xla_read and model_cfg.remat != "full" else 0
+  return int(tokens * (width * (blocks + rows) + 4 * logits))
+
+
+def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict, *, compiler: str = "xla") -> dict:
+  """The per-device plan as a flat dict of numbers (bytes, FLOPs).
+
+  ``compiler`` is the one whose memory use the activations model: "xla" (CPU and GPU) or "tpu".
+  ``train.microbatches`` k: the activations of one microbatch (tokens / k), plus an fp32 accumulator
+  of the parameter gradients (and, for the sparse update, the whole batch's row-gradient inputs).
+  """
   mem = model_cfg.memory.layer
   devices = math.prod(sizes.values())
   batch_shards = sizes["data"] * sizes["fsdp"]
@@ -140,11 +210,12 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
   # The value table's shard on one device: [rows, dv] (row mode splits rows, column mode dv).
   rows, dv = _table_shard(model_cfg, sizes)
   tables = 1 if model_cfg.memory.shared else n_mem
-  # Activations: what the backward keeps per token (``_activation_floats``), the logits, and each
-  # memory layer's gathered value rows [tokens, H k, dv] (the XLA bag materialises them; its
-  # backward reads them again for the weights' gradient).
-  act = sum(_activation_floats(model_cfg, t, model_cfg.block_kind(i)) for i in range(model_cfg.num_layers))
-  act_bytes = 4 * tokens * (act + 3 * model_cfg.vocab_size + 2 * model_cfg.dim + n_mem * mem.heads * mem.k * dv)
+  # Activations: what the backward keeps per token (``activation_bytes``), for one microbatch.
+  k_micro = train_cfg.microbatches
+  act_bytes = activation_bytes(model_cfg, t, tokens // k_micro, compiler)
+  if k_micro > 1:  # fp32 accumulators: the parameter gradients, and the value gradient (dense) or the
+    # whole batch's row-gradient inputs (sparse: the reads' cotangents [tokens, Dv] and ids, weights)
+    act_bytes += p_bytes + (n_mem * tokens * 4 * dv + 2 * 4 * lookups if sparse else 4 * shards["values"])
   # Two phases peak apart (XLA reuses the activations' memory for the update):
   #   backward  activations + the parameter gradients + (dense) one [rows, dv] value gradient per
   #             memory layer (each reader's gradient is its own scatter into zeros until they are summed)
@@ -160,6 +231,8 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
     if batch_shards > 1:
       merged_rows = min(global_lookups // tables, rows + 1) * tables
       update = copies * (p_bytes + 4 * merged_rows * dv)
+      if compiler == "tpu":  # measured: the local row gradients [lookups, dv], the merged rows and their psum
+        update = 4 * dv * (lookups + 2 * merged_rows)
     else:
       update = copies * p_bytes + 5 * 4 * global_lookups * dv
   else:
@@ -192,7 +265,7 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict) -> dict:
       "activations_bytes": act_bytes, "batch_bytes": batch_bytes, "temp_bytes": temp_bytes,
       "arguments_bytes": params_bytes + opt_bytes + batch_bytes,
       "total_bytes": 2 * (params_bytes + opt_bytes) + batch_bytes + temp_bytes,
-      "train_flops_per_token": 6 * fwd, "forward_flops_per_token": fwd,
+      "train_flops_per_token": 3 * fwd, "forward_flops_per_token": fwd,
       "value_bytes_gathered_per_token": n_mem * mem.bytes_read_per_token(),
       "comm_bytes_per_step": comm, "comm_total_bytes_per_step": sum(comm.values()),
   }

@@ -30,7 +30,10 @@ ENV = "MEMJAX_SUPERVISED_BY"
 _GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (coordination_service\S*|client\.h|preemption\S*|"
                    r"distributed\S*):\d+\]")
 _CONTINUATION = ("Additional GRPC error", ":UNKNOWN:", ":", " ", "\t", "*** ")
-_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+# The coordination client's way to its fatal abort: the first line, then the fatal one. The abort
+# symbolises a stack trace, which can take minutes on a loaded machine: the child is ended at once.
+_FATAL = ("Polled an error from coordination service",
+          "Terminating process because the JAX distributed service detected fatal errors")
 
 
 def needed(argv: list[str]) -> bool:
@@ -61,11 +64,11 @@ def die_with_parent() -> None:
     os._exit(1)
 
 
-def _process_id(argv: list[str]) -> str:
+def _flag(argv: list[str], name: str) -> str:
   for i, a in enumerate(argv):
-    if a.startswith("--process_id="):
+    if a.startswith(f"--{name}="):
       return a.split("=", 1)[1]
-    if a == "--process_id" and i + 1 < len(argv):
+    if a == f"--{name}" and i + 1 < len(argv):
       return argv[i + 1]
   return "?"
 
@@ -83,8 +86,9 @@ def supervise(argv: list[str]) -> int:
     if fatal:
       continue
     text = line.decode("utf-8", "replace")
-    if _FATAL in text:
+    if any(marker in text for marker in _FATAL):
       fatal, held = True, []
+      child.kill()
       continue
     if _GLOG.match(text) or (held and text.startswith(_CONTINUATION)):
       held.append(line)  # a coordination log line, or the continuation of one
@@ -94,9 +98,15 @@ def supervise(argv: list[str]) -> int:
     err.flush()
   code = child.wait()
   if fatal:
-    print(f"error: process 0, which hosts the coordination service, was lost; process {_process_id(argv)} stops "
-          "without saving. Restart every process with the same command: the run resumes from the newest checkpoint "
-          "all processes finished", file=sys.stderr, flush=True)
+    me, count = _flag(argv, "process_id"), _flag(argv, "num_processes")
+    if me != "0":
+      lost = "process 0, which hosts the coordination service, was lost"
+    elif count == "2":
+      lost = "process 1 of 2 was lost (the coordination service reported it failed)"
+    else:
+      lost = "another process was lost (the coordination service reported a failed process)"
+    print(f"error: {lost}; process {me} stops without saving. Restart every process with the same command: the "
+          "run resumes from the newest checkpoint all processes finished", file=sys.stderr, flush=True)
     return 1
   err.writelines(held)
   err.flush()

@@ -1,0 +1,145 @@
+"""The paper's configs on real targets, checked by the accelerators' own compilers (deviceless AOT).
+
+  python benchmarks/compile_table.py                    # 373M, 1.3B, 8B x v5e-16, v5p-8, v5p-64, h100-8, h200-8
+  python benchmarks/compile_table.py --configs=paper_373m --targets=v5p-8
+
+For each config and target, at the config's global batch: the planner (``memjax.plan``, with the
+target's compiler model) picks the layout that fits the target's HBM with the least recomputation:
+remat "none", then "matmuls", then "full", each with the sparse or the dense value update and the
+fewest microbatches, over every mesh data x fsdp x memory of the target's chips (the smallest planned
+footprint); if nothing fits, the smallest footprint found. Then the train step is
+compiled for the target with ``memjax.scale.compile.compile_step`` and the table reports the
+compiler's per-device bytes, whether it fits, its step-time estimate (TPU; a cost model) with the
+tokens/s and MFU that implies, and the planner's error against the compiler. Each target's compiles
+run in the venv of ``.ci/aot_env.sh`` for its platform. Writes ``benchmarks/results/compile_table.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("paper_373m", "paper_1b3", "paper_8b")
+TARGET_NAMES = ("v5e-16", "v5p-8", "v5p-64", "h100-8", "h200-8")
+HEADROOM = 0.9  # plan to 90% of HBM: the planner is an estimate
+
+
+def _powers_of_two(n: int) -> list[int]:
+  return [2**i for i in range(int(math.log2(n)) + 1) if n % 2**i == 0]
+
+
+def choose_layout(config_path: str, target, compiler: str):
+  """(overrides, mesh, plan) of the cheapest layout the planner says fits, or the smallest one."""
+  from memjax.scale.plan import load_config, plan
+  base = load_config(config_path)
+  best = None
+  for remat, update in [(r, u) for r in ("none", "matmuls", "full") for u in ("sparse", "dense")]:
+    for micro in _powers_of_two(base.train.batch_size):
+      fitting = []
+      for memory in _powers_of_two(target.chips):
+        for fsdp in _powers_of_two(target.chips // memory):
+          data = target.chips // (memory * fsdp)
+          if base.train.batch_size % (micro * data * fsdp):
+            continue
+          overrides = [("model.remat", remat), ("train.microbatches", str(micro)), ("model.memory.value_update", update)]
+          try:
+            cfg = load_config(config_path, overrides)
+          except ValueError:
+            continue
+          if base.model.memory.layer.value_dim % memory and base.model.memory.value_sharding == "column":
+            continue
+          sizes = {"data": data, "fsdp": fsdp, "memory": memory}
+          p = plan(cfg.model, cfg.train, sizes, compiler=compiler)
+          total = p["arguments_bytes"] + p["temp_bytes"]
+          fitting.append((total, overrides, sizes, p))
+          if best is None or total < best[0]:
+            best = (total, overrides, sizes, p)
+      fits = [f for f in fitting if f[0] <= HEADROOM * target.hbm_bytes]
+      if fits:
+        return min(fits, key=lambda f: f[0])[1:]
+  return best[1:]
+
+
+def _run_platform(platform: str, configs, targets, out_path: str) -> None:
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  from memjax.scale.compile import compile_step
+  from memjax.scale.plan import load_config
+  from memjax.scale.targets import get
+  compiler = "tpu" if platform == "tpu" else "xla"
+  rows = []
+  for name in configs:
+    path = os.path.join(REPO, "configs", name + ".py")
+    for t in targets:
+      target = get(t)
+      if target.platform != platform:
+        continue
+      overrides, sizes, p = choose_layout(path, target, compiler)
+      cfg = load_config(path, overrides)
+      row = {"config": name, "target": t, "mesh": sizes, "overrides": dict(overrides),
+             "plan_total_bytes": p["arguments_bytes"] + p["temp_bytes"]}
+      try:
+        r = compile_step(cfg, target, sizes)
+        row.update(r)
+        row["plan_error"] = row["plan_total_bytes"] / r["total_bytes_per_device"] - 1
+      except Exception as e:  # noqa: BLE001 - e.g. out of HBM: the table says so
+        row["error"] = " ".join(str(e).split())[:300]
+      rows.append(row)
+      print(json.dumps({k: row.get(k) for k in ("config", "target", "mesh", "overrides", "fits", "plan_error",
+                                                 "compile_seconds", "error")}), flush=True)
+      with open(out_path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def _aot_python(platform: str) -> str:
+  out = subprocess.run(["bash", os.path.join(REPO, ".ci", "aot_env.sh"), platform], stdout=subprocess.PIPE,
+                       text=True, check=True)
+  return out.stdout.strip()
+
+
+def main() -> int:
+  from memjax.command import ArgumentParser
+  ap = ArgumentParser(prog="benchmarks/compile_table.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--configs", default=",".join(CONFIGS))
+  ap.add_argument("--targets", default=",".join(TARGET_NAMES))
+  ap.add_argument("--platform", choices=("tpu", "cuda"), help="(internal) compile in this process")
+  ap.add_argument("--json", help="(internal) where --platform writes its rows")
+  ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "compile_table.json"))
+  args = ap.parse_args()
+  configs, targets = args.configs.split(","), args.targets.split(",")
+  from memjax.scale.targets import get
+  for t in targets:
+    get(t)
+  if args.platform:
+    _run_platform(args.platform, configs, targets, args.json)
+    return 0
+  start, rows = time.time(), []
+  for platform in ("tpu", "cuda"):
+    if not any(get(t).platform == platform for t in targets):
+      continue
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+      part = f.name
+    cmd = [_aot_python(platform), __file__, "--platform", platform, "--json", part, "--configs", args.configs,
+           "--targets", args.targets]
+    subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}, check=True)
+    rows += json.load(open(part))
+  result = {"command": "python benchmarks/compile_table.py " + " ".join(sys.argv[1:]), "seconds": time.time() - start,
+            "rows": rows}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  from memjax.command import run_command
+  run_command(main)
