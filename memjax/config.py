@@ -33,6 +33,8 @@ from memjax.sharding import MESH_AXES
 
 INT32_MAX = 2**31 - 1
 
+# model.memory.topk: the product top-k's selection (memjax.kernels.topk backends).
+TOPK_METHODS = ("auto", "xla", "approx")
 VALUE_DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -195,6 +197,10 @@ class MemoryConfig(_Checked):
       scores by ``(Dk/2)**-0.5``.
     gated: multiply the output by a per-token scalar ``sigmoid(w_g . x + b_g)``.
     value_dtype: storage dtype of the value table: one of ``VALUE_DTYPES``.
+    topk: how the product top-k selects, one of ``TOPK_METHODS``: "auto" (exact; the C++ kernel
+      where the step is lowered for CPU, XLA's formulation elsewhere), "xla" (exact, XLA's three
+      ``top_k`` on every platform), "approx" (``jax.lax.approx_max_k`` per half, then the exact
+      k x k step: approximate on TPU, exact where the compiler has no approximate top-k).
     key_init_scale: sub-keys ~ U(-a, a); ``None`` means ``a = key_dim**-0.5``.
     value_init_std: values ~ N(0, s); ``None`` means ``s = value_dim**-0.5``.
     out_init_std: ``W1``/``W2``/``W_o`` ~ N(0, s); ``None`` means ``s = fan_in**-0.5``.
@@ -217,6 +223,7 @@ class MemoryConfig(_Checked):
   qk_norm: bool = False
   gated: bool = False
   value_dtype: str = "float32"
+  topk: str = "auto"
   key_init_scale: float | None = None
   value_init_std: float | None = None
   out_init_std: float | None = None
@@ -234,6 +241,7 @@ class MemoryConfig(_Checked):
       self._fail("n_keys", f"gives n_keys**2={self.n_keys**2} slots, beyond int32 indices (max {INT32_MAX}); "
                            "allowed n_keys <= 46340")
     self._choice("value_dtype", sorted(VALUE_DTYPES))
+    self._choice("topk", TOPK_METHODS)
 
   # ----- derived sizes -------------------------------------------------------------------------
   @property

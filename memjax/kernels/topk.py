@@ -22,8 +22,9 @@ ranked exactly) plus O(k log k) for the grid (a best-first walk over its frontie
 fp32 sums of finite sorted values are monotone); rows whose selected values hold an inf or NaN rank
 all k^2 sums instead. Rows are split over XLA's CPU thread pool.
 
-Backends: ``xla`` (the reference), ``cpu`` (the kernel when it is built, cpu.py; else ``xla``) and
-``auto``: the kernel on CPU, ``xla`` elsewhere, decided by the platform the computation is lowered
+Backends: ``xla`` (the reference), ``cpu`` (the kernel when it is built, cpu.py; else ``xla``),
+``approx`` (``product_topk_approx``) and ``auto``: the kernel on CPU, the gather-free formulation
+(``product_topk_gather_free``, same arrays) on TPU, ``xla`` elsewhere, decided by the platform the computation is lowered
 for (``jax.lax.platform_dependent``: lowered for one platform, only that branch is emitted), so a
 jitted function compiled for TPU or GPU never holds the CPU custom call, whatever
 ``jax.default_backend()`` says. ``auto`` and ``cpu`` build the C++ library on first use (once per
@@ -38,7 +39,8 @@ import jax.numpy as jnp
 
 from memjax.kernels import cpu
 
-BACKENDS = ("auto", "xla", "cpu")
+BACKENDS = ("auto", "xla", "cpu", "approx")
+APPROX_RECALL = 0.95  # recall target of each half's jax.lax.approx_max_k under backend="approx"
 _FFI_MAX_K = 2**16  # the kernel packs grid positions as a << 16 | b
 
 
@@ -52,16 +54,55 @@ def _check(s1, s2, k: int, backend: str) -> None:
     raise ValueError(f"k={k!r} must be an int in [1, n={n}] (s1.shape={s1.shape})")
 
 
-def product_topk_xla(s1, s2, k: int):
-  """The plain-jnp selection: (scores, i, j), each [..., k]; the reference for the kernel."""
-  top1, i1 = jax.lax.top_k(s1, k)  # [..., k]
-  top2, i2 = jax.lax.top_k(s2, k)  # [..., k]
+def _grid_topk(top1, i1, top2, i2, k: int):
+  """The k x k candidate stage from each half's sorted top-k: (scores, i, j), each [..., k]."""
   cand = top1[..., :, None] + top2[..., None, :]  # [..., k, k]
   cand = cand.reshape(*cand.shape[:-2], k * k)  # [..., k*k]
   scores, flat = jax.lax.top_k(cand, k)  # [..., k]
   i = jnp.take_along_axis(i1, flat // k, axis=-1)
   j = jnp.take_along_axis(i2, flat % k, axis=-1)
   return scores, i.astype(jnp.int32), j.astype(jnp.int32)
+
+
+def pick(x, idx):
+  """``take_along_axis(x, idx, -1)`` without a gather: ``x`` [..., m], ``idx`` [..., k] -> [..., k].
+
+  A one-hot compare-and-sum over m (k*m elementwise work). On TPU gathers along a minor axis are
+  slow: compiled for v5p (16k tokens x 4 heads, n 1024, k 32), the candidate stage's two index
+  gathers cost ~30 ms in the compiler's estimate, this ~0.7 ms (benchmarks/topk_compile.py).
+  Exact (one term is selected; the others are zeros); differentiable in ``x``.
+  """
+  positions = jnp.arange(x.shape[-1], dtype=idx.dtype).reshape((1,) * idx.ndim + (x.shape[-1],))
+  hit = idx[..., :, None] == positions  # [..., k, m]
+  return jnp.sum(jnp.where(hit, x[..., None, :], jnp.zeros((), x.dtype)), axis=-1)
+
+
+def product_topk_gather_free(s1, s2, k: int):
+  """``product_topk_xla`` with the grid's index look-ups as one-hot picks (``pick``): the same
+  arrays, the formulation the TPU compiler handles well (``auto`` takes it when lowered for TPU)."""
+  top1, i1 = jax.lax.top_k(s1, k)
+  top2, i2 = jax.lax.top_k(s2, k)
+  cand = (top1[..., :, None] + top2[..., None, :]).reshape(*top1.shape[:-1], k * k)
+  scores, flat = jax.lax.top_k(cand, k)
+  i = pick(i1, (flat // k).astype(i1.dtype))
+  j = pick(i2, (flat % k).astype(i2.dtype))
+  return scores, i.astype(jnp.int32), j.astype(jnp.int32)
+
+
+def product_topk_xla(s1, s2, k: int):
+  """The plain-jnp selection: (scores, i, j), each [..., k]; the reference for the kernel."""
+  top1, i1 = jax.lax.top_k(s1, k)  # [..., k]
+  top2, i2 = jax.lax.top_k(s2, k)  # [..., k]
+  return _grid_topk(top1, i1, top2, i2, k)
+
+
+def product_topk_approx(s1, s2, k: int, recall_target: float = APPROX_RECALL):
+  """Each half's top-k by ``jax.lax.approx_max_k`` (TPU: a partial reduction with ``recall_target``;
+  other compilers: exact), then the exact k x k candidate stage. Scores are exact sums of the
+  candidates found; a slot is missed only when one of its halves is."""
+  top1, i1 = jax.lax.approx_max_k(s1, k, recall_target=recall_target)  # [..., k]
+  top2, i2 = jax.lax.approx_max_k(s2, k, recall_target=recall_target)
+  return _grid_topk(top1, i1, top2, i2, k)
 
 
 def _product_topk_ffi(s1, s2, k: int):
@@ -92,13 +133,14 @@ def product_topk_from_scores(s1, s2, k: int, *, backend: str = "auto"):
   Args:
     s1, s2: [..., n] sub-key scores of the two query halves (cast to fp32).
     k: ``1 <= k <= n``, static.
-    backend: "auto" (the C++ kernel where the computation is lowered for CPU, else XLA), "xla", or
-      "cpu" (the kernel on any platform it is lowered for: CPU only; XLA if it is not built).
+    backend: "auto" (the C++ kernel where the computation is lowered for CPU, else XLA), "xla",
+      "cpu" (the kernel on any platform it is lowered for: CPU only; XLA if it is not built), or
+      "approx" (``product_topk_approx``: approximate per-half top-k on TPU, exact elsewhere).
 
   Returns:
     ``(scores, i, j)``: scores [..., k] fp32 sorted descending, i, j [..., k] int32 with
     ``scores[t] = s1[i[t]] + s2[j[t]]`` (fp32), without gradient. Ties and NaN order as in the
-    module docstring; all backends return identical arrays.
+    module docstring; the exact backends return identical arrays.
 
   Raises:
     ValueError: an unknown backend, shapes of s1 and s2 that differ, or k outside [1, n].
@@ -111,9 +153,14 @@ def product_topk_from_scores(s1, s2, k: int, *, backend: str = "auto"):
   # No gradient on any backend (the kernel has none): the selection is discrete.
   s1, s2 = (jax.lax.stop_gradient(jnp.asarray(s, jnp.float32)) for s in (s1, s2))
   _check(s1, s2, k, backend)
-  if backend == "xla" or k > _FFI_MAX_K or not cpu.ffi_status()[0]:
+  if backend == "approx":
+    return product_topk_approx(s1, s2, k)
+  if backend == "xla":
     return product_topk_xla(s1, s2, k)
+  ffi = k <= _FFI_MAX_K and cpu.ffi_status()[0]
   if backend == "cpu":
-    return _product_topk_ffi(s1, s2, k)
-  return jax.lax.platform_dependent(
-      s1, s2, cpu=lambda a, b: _product_topk_ffi(a, b, k), default=lambda a, b: product_topk_xla(a, b, k))
+    return _product_topk_ffi(s1, s2, k) if ffi else product_topk_xla(s1, s2, k)
+  branches = {"tpu": lambda a, b: product_topk_gather_free(a, b, k)}
+  if ffi:
+    branches["cpu"] = lambda a, b: _product_topk_ffi(a, b, k)
+  return jax.lax.platform_dependent(s1, s2, **branches, default=lambda a, b: product_topk_xla(a, b, k))

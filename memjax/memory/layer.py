@@ -155,7 +155,7 @@ class ProductKeyMemory(nnx.Module):
     table = self.values.values[...]
     if value_tap is not None:
       table = jax.lax.stop_gradient(table)
-    r = sharded_memory_read(q, keys, table, k=self.config.k, backend=self.backend,
+    r = sharded_memory_read(q, keys, table, k=self.config.k, backend=self.backend, topk=self.config.topk,
                             value_sharding=self.value_sharding)
     y = r.out  # [..., Dv]
     if value_tap is not None:

@@ -41,7 +41,7 @@ def qk_normalize(query_xHxK, keys_Hx2xNxK2, query_gain_HxK=None, key_gain_Hx2xK2
   return q.reshape(query_xHxK.shape), keys
 
 
-def memory_read(query, keys, values, *, k: int, backend: str = "auto") -> MemoryReadout:
+def memory_read(query, keys, values, *, k: int, backend: str = "auto", topk: str = "auto") -> MemoryReadout:
   """Reads a product-key memory: exact top-k per head, softmax per head, one bag over all heads.
 
   Args:
@@ -50,6 +50,7 @@ def memory_read(query, keys, values, *, k: int, backend: str = "auto") -> Memory
     values: [n*n, Dv] value table shared by all heads.
     k: slots per head.
     backend: ``embedding_bag`` backend.
+    topk: the selection's backend (``product_key_topk``): "auto", "xla", "cpu" or "approx".
 
   Returns:
     ``MemoryReadout(out [..., Dv], indices [..., H, k], weights [..., H, k])`` with
@@ -66,7 +67,7 @@ def memory_read(query, keys, values, *, k: int, backend: str = "auto") -> Memory
   if n is not None and values.shape[0] != n * n:
     raise ValueError(
         f"values has {values.shape[0]} rows but keys.shape={keys.shape} addresses n*n={n * n} slots")
-  scores, indices = product_key_topk(query, keys, k)  # [..., H, k]
+  scores, indices = product_key_topk(query, keys, k, backend=topk)  # [..., H, k]
   weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # [..., H, k]
   lead, heads = indices.shape[:-2], indices.shape[-2]
   idx_flat = indices.reshape(*lead, heads * k)  # [..., H*k]
@@ -82,7 +83,7 @@ def _varying(x, axes):
 
 
 def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
-                        value_sharding: str = "column") -> MemoryReadout:
+                        value_sharding: str = "column", topk: str = "auto") -> MemoryReadout:
   """``memory_read`` split explicitly over the mesh set by ``jax.set_mesh`` (plain read without one).
 
   Kernels (FFI, Pallas) are opaque to GSPMD, which would replicate their operands: gather the whole
@@ -99,7 +100,7 @@ def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
   lead = query.shape[:-2]
   specs = sharding.memory_read_specs(value_sharding, lead[0] if lead else 1, values.shape) if lead else None
   if specs is None:
-    return memory_read(query, keys, values, k=k, backend=backend)
+    return memory_read(query, keys, values, k=k, backend=backend, topk=topk)
   batch, table_spec, out_last, psum_axis = specs.batch, specs.table, specs.out_last, specs.psum_axis
   P = jax.sharding.PartitionSpec
   rest = (None,) * (len(lead) - 1)
@@ -108,7 +109,7 @@ def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
 
   def local(q, kk, v):
     v = _varying(v, batch_axes)  # the table is the same on every data shard: its gradient sums
-    scores, indices = product_key_topk(q, kk, k)  # [..., H, k] global slots
+    scores, indices = product_key_topk(q, kk, k, backend=topk)  # [..., H, k] global slots
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
     heads = indices.shape[-1] * indices.shape[-2]
     idx_flat = indices.reshape(*indices.shape[:-2], heads)  # [..., H*k]
