@@ -174,6 +174,11 @@ def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamS
   adam = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   if specs is None:
     rows, row_grads = embedding_bag_row_grads(idx, wts, dys, table.shape[0], backend=backend)
+    # rows holds the U <= M distinct rows first, then padding: with more lookups than slots (N > M)
+    # its first M entries are all of it, and Adam touches M rows instead of N (knowledge sweep:
+    # N = 393k lookups on a 65k-slot table).
+    keep = min(rows.shape[0], table.shape[0])
+    rows, row_grads = rows[:keep], row_grads[:keep]
     row_grads, norm = clip_rows(row_grads, clip)
     table, opt = sparse_adam_update(table, opt, rows, row_grads, lr, **adam)
     return table, opt, norm**2

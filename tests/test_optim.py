@@ -185,3 +185,30 @@ def test_microbatches_give_the_gradients_of_the_whole_batch(update, k):
   step = jax.jit(split.train_step)
   _, metrics = step(state, batch)
   assert float(metrics["loss"]) == pytest.approx(float(loss_w), rel=1e-6)
+
+
+def test_sparse_value_update_with_more_lookups_than_slots_touches_the_same_rows():
+  """N lookups > M slots: Adam runs on the first M row-gradient entries (all distinct rows are
+  there); the result equals Adam over all N entries (the padding is ignored) and the dense oracle."""
+  from memjax.kernels.embedding_bag import embedding_bag_reference, embedding_bag_row_grads
+  from memjax.optim import clip_rows, sparse_adam_init, sparse_adam_update, sparse_value_update
+  rng = np.random.default_rng(0)
+  m, dv = 40, 8
+  idx = jnp.asarray(rng.integers(0, m // 2, (2, 3, 5, 6)), jnp.int32)  # [R, B, T, H*k]: 180 lookups, <= 20 rows
+  wts = jnp.asarray(rng.random((2, 3, 5, 6)), jnp.float32)
+  dys = jnp.asarray(rng.standard_normal((2, 3, 5, dv)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((m, dv)), jnp.float32)
+  opt = sparse_adam_init(table)
+  adam = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
+  got, _, norm2 = sparse_value_update(None, table, opt, idx, wts, dys, 0.1, clip=1.0, backend="xla", **adam)
+  rows, grads = embedding_bag_row_grads(idx, wts, dys, m, backend="xla")
+  assert rows.shape[0] == idx.size > m
+  grads, norm = clip_rows(grads, 1.0)
+  want, _ = sparse_adam_update(table, opt, rows, grads, 0.1, **adam)
+  np.testing.assert_array_equal(got, want)
+  dense = jax.grad(lambda v: jnp.vdot(embedding_bag_reference(v, idx, wts), dys))(table)
+  np.testing.assert_allclose(float(norm2), float(jnp.sum(dense**2)), rtol=1e-5)
+  read = np.zeros(m, bool)
+  read[np.asarray(idx).ravel()] = True
+  np.testing.assert_array_equal(np.asarray(got)[~read], np.asarray(table)[~read])  # unread rows untouched
+  assert np.all(np.asarray(got)[read] != np.asarray(table)[read])
