@@ -1,0 +1,245 @@
+"""Outside sources (TFDS, ArrayRecord, Parquet, JSONL, mixtures): every document read once, disjoint
+shards across 2 processes, exact resume mid-epoch, mixture weights, one-line errors, train.py on each."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from memjax.data import make_pipeline
+from memjax.data import sources as src
+from memjax.data.errors import DataError
+
+N_FILES, PER_FILE = 3, 20
+KINDS = ("tfds", "array_record", "parquet", "jsonl")
+
+
+def doc_text(i):
+  return f"document {i:03d}: " + " ".join(f"w{(i * 7 + j) % 50}" for j in range(i % 9 + 3))
+
+
+def doc_ids(i):
+  return (np.arange(i % 5 + 2) + 3 * i + 10).astype(np.int64)
+
+
+def write_jsonl(d, n_files=N_FILES, per_file=PER_FILE, text=doc_text, offset=0):
+  d.mkdir(parents=True, exist_ok=True)
+  for f in range(n_files):
+    lines = [json.dumps({"text": text(offset + f * per_file + r), "ids": doc_ids(offset + f * per_file + r).tolist()})
+             for r in range(per_file)]
+    (d / f"part-{f}.jsonl").write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n")
+  return f"jsonl:{d}/*.jsonl"
+
+
+def write_parquet(d):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  d.mkdir(parents=True, exist_ok=True)
+  for f in range(N_FILES):
+    idx = range(f * PER_FILE, (f + 1) * PER_FILE)
+    table = pa.table({"text": [doc_text(i) for i in idx],
+                      "ids": pa.array([doc_ids(i).tolist() for i in idx], pa.list_(pa.int32()))})
+    pq.write_table(table, d / f"part-{f}.parquet", row_group_size=7)  # 3 row groups per file
+  return f"parquet:{d}/*.parquet"
+
+
+def example_bytes(i):
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  ex = tf_example_pb2.Example()
+  ex.features.feature["text"].bytes_list.value.append(doc_text(i).encode())
+  ex.features.feature["ids"].int64_list.value.extend(doc_ids(i).tolist())
+  return ex.SerializeToString()
+
+
+def write_array_record(d):
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  d.mkdir(parents=True, exist_ok=True)
+  for f in range(N_FILES):
+    w = ArrayRecordWriter(str(d / f"part-{f}.array_record"), "group_size:1")
+    for i in range(f * PER_FILE, (f + 1) * PER_FILE):
+      w.write(example_bytes(i) if i % 2 else json.dumps({"text": doc_text(i), "ids": doc_ids(i).tolist()}).encode())
+    w.close()
+  return f"array_record:{d}/*.array_record"
+
+
+def write_tfds(data_dir):
+  import tensorflow_datasets as tfds
+
+  from memjax.data._tfds import code_path_of, quiet_prepare
+
+  class MemjaxTestCorpus(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = code_path_of(__file__)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "text": tfds.features.Text(), "ids": tfds.features.Tensor(shape=(None,), dtype=np.int64)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(0, N_FILES * PER_FILE),
+              "validation": self._generate_examples(1000, 1010)}
+
+    def _generate_examples(self, a, b):
+      for i in range(a, b):
+        yield i, {"text": doc_text(i), "ids": doc_ids(i)}
+
+  quiet_prepare(MemjaxTestCorpus(data_dir=str(data_dir), file_format="array_record"))
+  return "tfds:memjax_test_corpus:1.0.0"
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sources")
+  data_dir = root / "data"
+  return {"tfds": write_tfds(data_dir), "array_record": write_array_record(root / "ar"),
+          "parquet": write_parquet(root / "pq"), "jsonl": write_jsonl(root / "jl"), "data_dir": str(data_dir),
+          "root": root}
+
+
+ALL_TEXTS = {doc_text(i) for i in range(N_FILES * PER_FILE)}
+ALL_IDS = {tuple(doc_ids(i).tolist()) for i in range(N_FILES * PER_FILE)}
+
+
+def read_all(opened):
+  return [opened.values[i] for i in range(len(opened.values))]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_document_once_and_two_processes_disjoint(corpora, kind):
+  for tokens_key in (None, "ids"):
+    common = dict(data_dir=corpora["data_dir"], tokens_key=tokens_key)
+    one = read_all(src.open_source(corpora[kind], **common))
+    got = [tuple(v.tolist()) for v in one] if tokens_key else one
+    assert sorted(got) == sorted(ALL_IDS if tokens_key else ALL_TEXTS)
+    shards = []
+    for p in range(2):
+      o = src.open_source(corpora[kind], process_index=p, process_count=2, **common)
+      vals = read_all(o)[o.doc_index::o.doc_count]
+      shards.append({tuple(v.tolist()) if tokens_key else v for v in vals})
+      if kind != "tfds":  # 3 files over 2 processes: each reads only its own files
+        assert o.doc_count == 1 and len(o.files) == (2, 1)[p]
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == (ALL_IDS if tokens_key else ALL_TEXTS)
+
+
+def test_block_permutation_is_a_new_block_order_each_epoch():
+  sizes = [3, 5, 2, 4]
+  perms = [src.block_permutation(sizes, seed=1, epoch=e) for e in range(3)]
+  starts = np.cumsum([0] + sizes)
+  for p in perms:
+    assert sorted(p.tolist()) == list(range(14))
+    block = np.searchsorted(starts, p, side="right") - 1
+    assert (np.diff(block) != 0).sum() == len(sizes) - 1  # each block's rows stay together
+  assert not np.array_equal(perms[0], perms[1])
+  np.testing.assert_array_equal(perms[0], src.block_permutation(sizes, seed=1, epoch=0))
+
+
+def test_parse_source_and_mixture():
+  assert src.parse_source("tfds:c4/en:3.1.0") == src.SourceSpec("tfds", "c4/en:3.1.0")
+  assert src.parse_mixture("jsonl:/a=1,parquet:/b/x=y.parquet=3") == [("jsonl:/a", 0.25),
+                                                                      ("parquet:/b/x=y.parquet", 0.75)]
+  for bad in ("c4", "csv:/a/*", "jsonl:"):
+    with pytest.raises(DataError, match="must be one of 'tfds:NAME"):
+      src.parse_source(bad)
+  for bad in ("jsonl:/a", "jsonl:/a=0", "jsonl:/a=-1", "jsonl:/a=x", ""):
+    with pytest.raises(DataError, match="mixture"):
+      src.parse_mixture(bad)
+
+
+def batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", [*KINDS, "tokens", "mixture"])
+def test_exact_resume_mid_epoch(corpora, case):
+  """4 batches, state, 3 more; a fresh pipeline set to the state gives the same 3 (mid-epoch: 60
+  documents of ~60 bytes fill ~14 batches of 4 x 64)."""
+  fields = dict(data_dir=corpora["data_dir"], seed=3)
+  if case == "tokens":
+    fields.update(source=corpora["parquet"], tokens_key="ids")
+  elif case == "mixture":
+    fields.update(mixture=f"{corpora['jsonl']}=2, {corpora['parquet']}=1")
+  else:
+    fields.update(source=corpora[case])
+  make = lambda: make_pipeline(seq_len=64, batch_size=4, process_index=0, process_count=1, **fields)  # noqa: E731
+  pipe = make()
+  batches(pipe.train, 4)
+  state = pipe.train.get_state()
+  json.dumps(state)
+  expected = batches(pipe.train, 3)
+  again = make()
+  again.train.set_state(state)
+  for a, b in zip(expected, batches(again.train, 3), strict=True):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  # And the stream is the documents: decoded segments are whole documents of the source.
+  tok = pipe.tokenizer
+  for batch in expected:
+    for row, seg in zip(batch["inputs"], batch["segment_ids"]):
+      for s in set(seg[seg > 0].tolist()):
+        ids = row[seg == s]
+        if ids[0] == tok.bos_id and case != "tokens":
+          assert any(t.startswith(tok.decode(ids[1:])) for t in ALL_TEXTS)
+  if case == "tfds":
+    assert pipe.validation is not None and pipe.metadata["validation"] == 10
+    val = list(pipe.validation())
+    assert sum(float(b["loss_mask"].sum()) for b in val) == sum(len(doc_text(i).encode()) + 1 for i in range(1000, 1010))
+
+
+def test_mixture_weights_are_honoured(tmp_path):
+  a = write_jsonl(tmp_path / "a", n_files=1, per_file=30, text=lambda i: f"A{i:03d}")
+  b = write_jsonl(tmp_path / "b", n_files=1, per_file=30, text=lambda i: f"B{i:03d}")
+  pipe = make_pipeline(seq_len=32, batch_size=8, mixture=f"{a}=0.8, {b}=0.2", data_dir=tmp_path / "d",
+                       process_index=0, process_count=1)
+  counts = {"A": 0, "B": 0}
+  for batch in batches(pipe.train, 60):
+    starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
+    for letter in batch["inputs"][np.roll(starts, 1, axis=1)]:  # the token after each bos
+      counts[chr(letter - 3)] += 1
+  total = counts["A"] + counts["B"]
+  assert total > 300
+  assert abs(counts["A"] / total - 0.8) < 0.03, counts
+
+
+def one_line_error(match, fn, *args, **kwargs):
+  with pytest.raises(DataError, match=match) as err:
+    fn(*args, **kwargs)
+  assert "\n" not in str(err.value)
+  return str(err.value)
+
+
+def test_bad_sources_give_one_line_and_write_nothing(corpora, tmp_path):
+  root = corpora["root"]
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  common = dict(seq_len=16, batch_size=2, data_dir=data_dir, process_index=0, process_count=1)
+  one_line_error(re.escape(f"source 'jsonl:{tmp_path}/none/*.jsonl' matched no files"), make_pipeline,
+                 source=f"jsonl:{tmp_path}/none/*.jsonl", **common)
+  msg = one_line_error(r"source 'tfds:c4/en:3.1.0': no prepared dataset 'c4/en:3.1.0' in data_dir", make_pipeline,
+                       source="tfds:c4/en:3.1.0", **common)
+  assert "tfds build c4/en" in msg and "never downloads" in msg
+  for kind in KINDS:
+    one_line_error(rf"source '{re.escape(corpora[kind])}'.*no (field|column) 'body'", make_pipeline,
+                   source=corpora[kind], text_key="body", **dict(common, data_dir=corpora["data_dir"]))
+  one_line_error(r"no split 'test'", make_pipeline, source=corpora["tfds"], split="test",
+                 **dict(common, data_dir=corpora["data_dir"]))
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "x.parquet").write_bytes(b"not parquet at all")
+  (tmp_path / "bad" / "x.array_record").write_bytes(b"not an array record file" * 10)
+  one_line_error(r"unreadable Parquet shard .*x.parquet", make_pipeline,
+                 source=f"parquet:{tmp_path}/bad/*.parquet", **common)
+  one_line_error(r"source 'array_record:.*': unreadable ArrayRecord shard", make_pipeline,
+                 source=f"array_record:{tmp_path}/bad/*.array_record", **common)
+  (tmp_path / "bad" / "x.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+  one_line_error(r"x.jsonl: a line is not valid JSON", lambda: [next(make_pipeline(
+      source=f"jsonl:{tmp_path}/bad/*.jsonl", seed=1, **common).train) for _ in range(3)])
+  (tmp_path / "big").mkdir()
+  (tmp_path / "big" / "t.jsonl").write_text('{"ids": [5, 7000]}\n')
+  one_line_error(r"token ids in \[5, 7000\] do not fit the tokenizer's vocab_size=259", make_pipeline,
+                 source=f"jsonl:{tmp_path}/big/*.jsonl", tokens_key="ids", **common)
+  assert os.listdir(data_dir) == []  # nothing half-written
