@@ -1,4 +1,4 @@
-"""Tokenizers behind one small interface: byte-level (default) and BPE (SentencePiece).
+"""Tokenizers behind one small interface: byte-level (default), BPE (SentencePiece), tokenizer files.
 
 Both map ``str -> list[int]`` and back, with the same special ids so packed batches look alike:
 
@@ -16,6 +16,12 @@ Both map ``str -> list[int]`` and back, with the same special ids so packed batc
   normalisation and no dummy prefix, so ``decode(encode(s)) == s`` for any text without the
   character U+2581 (which SentencePiece uses for spaces and decodes as a space). Id 3 is ``unk``
   (unused thanks to byte fallback); ``"\\n"`` and ``"\\t"`` are single pieces.
+
+Tokenizer files (``data.tokenizer = "sentencepiece:PATH" | "hf:PATH"``, ``tokenizer_from_file``):
+any SentencePiece ``.model`` (``SentencePieceTokenizer``, kind ``"sentencepiece"``) or Hugging Face
+``tokenizer.json`` (``HFTokenizer``, through the ``tokenizers`` package). Their bos / eos / pad ids
+are the file's own (not the table above); a file without pad pads with eos and one without bos
+starts documents with eos (padding is masked, so its id is never learned); no eos is an error.
 
 ``save(path)`` writes one file (JSON for bytes, the SentencePiece model proto for BPE) and
 ``load_tokenizer(path)`` reads either back.
