@@ -243,3 +243,60 @@ def test_bad_sources_give_one_line_and_write_nothing(corpora, tmp_path):
   one_line_error(r"token ids in \[5, 7000\] do not fit the tokenizer's vocab_size=259", make_pipeline,
                  source=f"jsonl:{tmp_path}/big/*.jsonl", tokens_key="ids", **common)
   assert os.listdir(data_dir) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("case", [*KINDS, "mixture"])
+def test_train_on_each_source_resumes_bit_exactly(corpora, tmp_path, case):
+  """train.py's loop on each source kind (tiny model, 6 steps): stopping at step 3 (mid-epoch: ~8
+  batches per epoch) and resuming ends with the same parameters as never stopping."""
+  from helpers import checkpoint_leaves, tiny_raw
+  from memjax.config_bridge import config_from_dict
+  from memjax.train.loop import run
+
+  raw = tiny_raw(corpora["data_dir"], steps=6)
+  if case == "mixture":
+    raw.data.mixture = f"{corpora['jsonl']}=1, {corpora['tfds']}=1"
+  else:
+    raw.data.source = corpora[case]
+  if case == "parquet":
+    raw.data.tokens_key = "ids"  # pre-tokenized ids (all < 259, the byte tokenizer's vocabulary)
+  cfg = config_from_dict(raw)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  r1 = run(cfg, str(straight), progress=False)
+  assert r1.step == 6 and np.isfinite(r1.metrics["loss"])
+  assert run(cfg, str(resumed), progress=False, max_steps=3).step == 3
+  assert run(cfg, str(resumed), progress=False).step == 6
+  for a, b in zip(checkpoint_leaves(straight), checkpoint_leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  if case == "tfds":
+    assert "val_loss" in r1.metrics  # the dataset's validation split
+
+
+def test_train_py_bad_source_or_tokenizer_exits_2_with_one_line(corpora, tmp_path):
+  import subprocess
+
+  from helpers import one_error_line, subprocess_env, tiny_raw, train_py
+  from memjax.train.main import train_main
+
+  out = subprocess.run(train_py(f"--config.data.source=jsonl:{tmp_path}/none/*.jsonl", data_dir=tmp_path / "d",
+                                workdir=tmp_path / "w"), capture_output=True, text=True, timeout=300,
+                       env=subprocess_env())
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert one_error_line(out.stderr) == f"error: source 'jsonl:{tmp_path}/none/*.jsonl' matched no files"
+  assert not (tmp_path / "w").exists() and not (tmp_path / "d").exists()
+  raw = tiny_raw(corpora["data_dir"])
+  raw.data.source = corpora["jsonl"]
+  raw.data.tokenizer = f"hf:{tmp_path}/missing/tokenizer.json"
+  assert train_main(raw, str(tmp_path / "w2")) == 2
+  assert not (tmp_path / "w2").exists()
+
+
+def test_bpe_trained_on_a_source_is_stored_once(corpora, tmp_path):
+  common = dict(seq_len=32, batch_size=2, source=corpora["jsonl"], tokenizer="bpe", bpe_vocab_size=320,
+                data_dir=tmp_path, process_index=0, process_count=1)
+  pipe = make_pipeline(**common)
+  assert pipe.tokenizer_path.startswith(str(tmp_path / "memjax_tokenizers" / "bpe_320_"))
+  mtime = os.stat(pipe.tokenizer_path).st_mtime_ns
+  again = make_pipeline(**common)
+  assert again.tokenizer_path == pipe.tokenizer_path and os.stat(pipe.tokenizer_path).st_mtime_ns == mtime
+  assert again.tokenizer.decode(again.tokenizer.encode(doc_text(5))) == doc_text(5)
