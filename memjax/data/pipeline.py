@@ -209,6 +209,10 @@ def pack_batches(docs: grain.MapDataset, *, seq_len: int, batch_size: int, bos_i
   ds = ds.batch(batch_size, drop_remainder=not finite,
                 batch_fn=functools.partial(rows_to_batch, batch_size=batch_size, pad_id=pad_id))
   if workers:
+    from absl import flags  # Grain's workers read its absl flags: outside an absl app, use their defaults
+
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   return ds
 
