@@ -300,3 +300,23 @@ def test_bpe_trained_on_a_source_is_stored_once(corpora, tmp_path):
   again = make_pipeline(**common)
   assert again.tokenizer_path == pipe.tokenizer_path and os.stat(pipe.tokenizer_path).st_mtime_ns == mtime
   assert again.tokenizer.decode(again.tokenizer.encode(doc_text(5))) == doc_text(5)
+
+
+def test_worker_processes_resume_exactly(corpora):
+  """data.workers=2: Grain runs the pipeline in 2 processes (documents split between them); the state
+  is still JSON and a fresh pipeline set to it continues with the same batches."""
+  make = lambda: make_pipeline(seq_len=64, batch_size=4, source=corpora["jsonl"], data_dir=corpora["data_dir"],  # noqa: E731
+                               workers=2, process_index=0, process_count=1)
+  pipe = make()
+  seen = batches(pipe.train, 3)
+  state = json.loads(json.dumps(pipe.train.get_state()))
+  expected = batches(pipe.train, 3)
+  again = make()
+  again.train.set_state(state)
+  got = batches(again.train, 3)
+  for it in (pipe.train, again.train):
+    it.close()
+  for a, b in zip(expected, got, strict=True):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert any(seen[0]["inputs"].ravel())

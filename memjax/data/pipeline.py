@@ -29,7 +29,8 @@ another document (a document's last token predicts ``eos``, not the next documen
 so ``loss_mask`` is 0 exactly on padding: ``loss_mask == (segment_ids > 0)``.
 
 Order, sharding and state. Documents are sharded first, ``source[process_index::process_count]``
-(disjoint, together all documents), then shuffled globally with ``seed`` (a new permutation every
+(disjoint, together all documents; outside sources, ``memjax.data.sources``, shard by file first),
+then shuffled globally with ``seed`` (a new permutation every
 epoch) and repeated forever (``num_epochs=None``). The iterator is a ``grain.DatasetIterator``:
 ``state = it.get_state()`` (a small JSON-able dict of this process's position) and
 ``fresh_it.set_state(state)`` resumes at exactly the next batch; each process saves its own state.
@@ -313,10 +314,12 @@ class Pipeline:
       the validation split (no shuffling; last batch padded), or is ``None`` if there is none.
     qa_items: QA items (the QA file if given, else the knowledge base's ``qa`` split; empty for
       local text without a QA file).
-    source: ``"<tfds name>/<config name>"`` of the training data.
+    source: ``"<tfds name>/<config name>"`` of the training data (``data.source`` / ``data.mixture``
+      as given for outside data).
     data_dir: where the prepared data lives (the resolved ``data_dir``).
     tokenizer_path: the stored BPE model (``None`` for the byte tokenizer).
-    metadata: split sizes and, for local text, what was skipped.
+    metadata: split sizes and, for local text, what was skipped (outside data: per source its
+      weight, documents and files read by this process, and the validation size).
   """
 
   tokenizer: Tokenizer
