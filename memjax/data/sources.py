@@ -214,7 +214,7 @@ class JsonlRecords:
   def __init__(self, files: Sequence[str], name: str):
     self._files = list(files)
     self._name = name
-    offsets, counts = [], []
+    offsets, counts, linenos = [], [], []
     for path in self._files:
       try:
         with open(path, "rb") as f:
@@ -225,8 +225,10 @@ class JsonlRecords:
       ends = np.concatenate([starts[1:], [len(blob)]])
       keep = [i for i in range(len(starts)) if blob[starts[i]:ends[i]].strip()]
       offsets.append(np.stack([starts[keep], ends[keep]], 1) if keep else np.zeros((0, 2), np.int64))
+      linenos.append(np.asarray(keep, np.int64) + 1)
       counts.append(len(keep))
     self._offsets = offsets
+    self._linenos = linenos
     self._cum = np.cumsum([0] + counts)
     self._fds: dict[int, int] = {}
 
@@ -240,11 +242,11 @@ class JsonlRecords:
     if fd is None:
       fd = self._fds[f] = os.open(self._files[f], os.O_RDONLY)
     line = os.pread(fd, int(end - start), int(start))
-    where = f"source '{self._name}': {self._files[f]}"
     try:
       return json.loads(line)
     except ValueError:
-      raise DataError(f"{where}: a line is not valid JSON") from None
+      lineno = self._linenos[f][index - self._cum[f]]
+      raise DataError(f"source '{self._name}': {self._files[f]}:{lineno}: not valid JSON") from None
 
   def __getstate__(self):
     state = dict(self.__dict__)
