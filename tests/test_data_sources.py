@@ -328,3 +328,28 @@ def test_worker_processes_resume_exactly(corpora):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   assert any(seen[0]["inputs"].ravel())
+
+
+def test_jsonl_line_index_against_split_lines(tmp_path):
+  """The chunked line index equals splitting the whole file, for every chunk size (1 byte up)."""
+  import random
+
+  rng = random.Random(0)
+  for trial in range(100):
+    lines = [rng.choice(["", " ", "\t \r", '{"a": 1}', "x" * rng.randint(1, 30)]) for _ in range(rng.randint(0, 10))]
+    blob = "\n".join(lines).encode() + (b"\n" if trial % 2 else b"")
+    path = tmp_path / f"{trial}.jsonl"
+    path.write_bytes(blob)
+    spans, numbers, pos = [], [], 0
+    for i, raw in enumerate(blob.split(b"\n")):
+      end = min(len(blob), pos + len(raw) + 1)
+      if raw.strip():
+        spans.append([pos, end])
+        numbers.append(i + 1)
+      pos = end
+    for chunk in (1, 3, 7, 1 << 20):
+      got_spans, got_numbers = src.line_index(str(path), chunk)
+      assert got_spans.tolist() == spans and got_numbers.tolist() == numbers
+  (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}')
+  o = src.open_source(f"jsonl:{tmp_path}/bom.jsonl", data_dir=str(tmp_path))
+  assert read_all(o) == ["first", "second"]

@@ -208,6 +208,52 @@ class _Fields:
     return record_value(self._records[index], self._key, self._tokens, f"source '{self._name}'")
 
 
+def line_index(path: str, chunk_bytes: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+  """``([start, end) byte spans [L, 2], 1-based line numbers [L])`` of the non-blank lines of a file,
+  read in chunks of ``chunk_bytes`` (a large JSONL file is never held in memory whole).
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(delete=False) as f:
+    ...   _ = f.write(b'{"a": 1}\\n  \\n{"b": 2}')
+    >>> spans, lines = line_index(f.name)
+    >>> spans.tolist(), lines.tolist()
+    ([[0, 9], [12, 20]], [1, 3])
+  """
+  spans, numbers = [], []
+  base, lineno, carry = 0, 0, b""
+  with open(path, "rb") as f:
+    while True:
+      chunk = f.read(chunk_bytes)
+      buf = carry + chunk
+      if not buf:
+        break
+      arr = np.frombuffer(buf, np.uint8)
+      newlines = np.flatnonzero(arr == 10)
+      if chunk:  # more may follow: only lines ended by a newline are complete
+        if not len(newlines):
+          carry = buf
+          continue
+        ends = newlines + 1
+      else:  # end of file: the rest is the last line
+        ends = np.concatenate([newlines + 1, [len(buf)]]) if len(newlines) == 0 or newlines[-1] + 1 < len(buf) \
+            else newlines + 1
+      starts = np.concatenate([[0], ends[:-1]])
+      solid = np.concatenate([[0], np.cumsum(~np.isin(arr, (9, 10, 13, 32)), dtype=np.int64)])
+      keep = solid[ends] > solid[starts]
+      spans.append(np.stack([starts[keep], ends[keep]], 1).astype(np.int64) + base)
+      numbers.append(lineno + 1 + np.flatnonzero(keep))
+      lineno += len(ends)
+      consumed = int(ends[-1])
+      base += consumed
+      carry = buf[consumed:]
+      if not chunk:
+        break
+  if not spans:
+    return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+  return np.concatenate(spans), np.concatenate(numbers).astype(np.int64)
+
+
 class JsonlRecords:
   """Random access to the non-blank lines of JSONL files (a line-offset index built on opening)."""
 
@@ -217,16 +263,12 @@ class JsonlRecords:
     offsets, counts, linenos = [], [], []
     for path in self._files:
       try:
-        with open(path, "rb") as f:
-          blob = f.read()
+        spans, numbers = line_index(path)
       except OSError as err:
         raise DataError(f"source '{name}': cannot read {path!r}: {err.strerror}") from None
-      starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(blob, np.uint8) == 10) + 1]).astype(np.int64)
-      ends = np.concatenate([starts[1:], [len(blob)]])
-      keep = [i for i in range(len(starts)) if blob[starts[i]:ends[i]].strip()]
-      offsets.append(np.stack([starts[keep], ends[keep]], 1) if keep else np.zeros((0, 2), np.int64))
-      linenos.append(np.asarray(keep, np.int64) + 1)
-      counts.append(len(keep))
+      offsets.append(spans)
+      linenos.append(numbers)
+      counts.append(len(numbers))
     self._offsets = offsets
     self._linenos = linenos
     self._cum = np.cumsum([0] + counts)
@@ -242,6 +284,8 @@ class JsonlRecords:
     if fd is None:
       fd = self._fds[f] = os.open(self._files[f], os.O_RDONLY)
     line = os.pread(fd, int(end - start), int(start))
+    if line[:3] == b"\xef\xbb\xbf":  # a BOM on the first line
+      line = line[3:]
     try:
       return json.loads(line)
     except ValueError:
