@@ -242,6 +242,8 @@ def test_bad_sources_give_one_line_and_write_nothing(corpora, tmp_path):
   (tmp_path / "big" / "t.jsonl").write_text('{"ids": [5, 7000]}\n')
   one_line_error(r"token ids in \[5, 7000\] do not fit the tokenizer's vocab_size=259", make_pipeline,
                  source=f"jsonl:{tmp_path}/big/*.jsonl", tokens_key="ids", **common)
+  one_line_error(r"tokenizer='bpe' trains on text, but tokens_key='ids' reads token ids", make_pipeline,
+                 source=corpora["jsonl"], tokens_key="ids", tokenizer="bpe", **common)
   assert os.listdir(data_dir) == []  # nothing half-written
   # A TFDS dataset prepared as tfrecord (random access needs array_record): says how to rebuild it.
   import shutil
