@@ -394,7 +394,7 @@ def tokenizer_for(config: DataConfig, builder=None) -> tuple[Tokenizer, str | No
     return ByteTokenizer(), None
   if config.tokenizer != "bpe":
     tok = tokenizer_from_file(config.tokenizer)
-    return tok, getattr(tok, "_path", None)
+    return tok, tok.path
   if builder is None and external_sources(config) is None:
     builder = prepare_data(config)
   if builder is not None:

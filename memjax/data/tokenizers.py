@@ -160,7 +160,7 @@ class SentencePieceTokenizer:
     self._proto = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     self.kind = kind
-    self._path = path
+    self.path = path  # the file it was read from (None: trained or built in memory)
     eos = int(self._sp.eos_id())
     if eos < 0:
       raise DataError(f"SentencePiece model {path or '(in memory)'!r} has no eos piece; memjax ends every "
@@ -199,7 +199,7 @@ class SentencePieceTokenizer:
     _atomic_write(path, self._proto)
 
   def __reduce__(self):  # pickles by its model proto (e.g. into Grain worker processes)
-    return functools.partial(SentencePieceTokenizer, kind=self.kind, path=self._path), (self._proto,)
+    return functools.partial(SentencePieceTokenizer, kind=self.kind, path=self.path), (self._proto,)
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"
@@ -232,7 +232,7 @@ class HFTokenizer:
     from tokenizers import Tokenizer as _HF
 
     self._json = json_text
-    self._path = path
+    self.path = path  # the file it was read from (None: trained or built in memory)
     self._special = dict(special or {})
     where = path or "(in memory)"
     try:
@@ -293,10 +293,10 @@ class HFTokenizer:
     _atomic_write(path, self._json.encode("utf-8"))
 
   def __reduce__(self):  # pickles by its JSON (e.g. into Grain worker processes)
-    return functools.partial(HFTokenizer, path=self._path, special=self._special), (self._json,)
+    return functools.partial(HFTokenizer, path=self.path, special=self._special), (self._json,)
 
   def __repr__(self) -> str:
-    return f"HFTokenizer({self._path!r}, vocab_size={self.vocab_size})"
+    return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
 def tokenizer_from_file(spec: str) -> Tokenizer:
