@@ -355,3 +355,22 @@ def test_jsonl_line_index_against_split_lines(tmp_path):
   (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}')
   o = src.open_source(f"jsonl:{tmp_path}/bom.jsonl", data_dir=str(tmp_path))
   assert read_all(o) == ["first", "second"]
+
+
+def test_parquet_epochs_are_block_shuffled_permutations(corpora):
+  """Each epoch of a Parquet source holds every document once, row groups kept together, in a new order."""
+  from memjax.data.pipeline import document_dataset
+  from memjax.data.tokenizers import ByteTokenizer
+
+  o = src.open_source(corpora["parquet"], data_dir=corpora["data_dir"])
+  assert o.block_sizes == [7, 7, 6] * N_FILES and o.doc_count == 1
+  docs = document_dataset(o.values, ByteTokenizer(), seed=5, block_sizes=o.block_sizes)
+  n = len(o.values)
+  text = lambda ids: bytes((np.asarray(ids) - 3).astype(np.uint8).tolist()).decode()  # noqa: E731
+  epochs = [[text(docs[e * n + i]) for i in range(n)] for e in range(2)]
+  for epoch in epochs:
+    assert sorted(epoch) == sorted(ALL_TEXTS)
+    index = [int(t.split(":")[0].split()[1]) for t in epoch]  # document i is row i % 20 of file i // 20
+    group = [(i // PER_FILE, (i % PER_FILE) // 7) for i in index]
+    assert sum(a != b for a, b in zip(group, group[1:])) == len(o.block_sizes) - 1
+  assert epochs[0] != epochs[1]
