@@ -625,7 +625,8 @@ class DataConfig(_Checked):
     source: train on an outside source instead of the knowledge base: ``"tfds:NAME[/CONFIG][:VERSION]"``
       (prepared in ``data_dir``), ``"array_record:GLOB"``, ``"parquet:GLOB"`` or ``"jsonl:GLOB"``
       (``memjax.data.sources``); ``None`` keeps ``text_glob`` / the knowledge base.
-    split: the TFDS split ``source`` trains on (its ``"validation"`` split, if any, is the validation).
+    split: the TFDS split a ``tfds:`` source trains on (its ``"validation"`` split, if any, is the
+      validation); only with a ``tfds:`` source (in a mixture: the TFDS sources use it).
     text_key: the record field (JSON key, Parquet column, Example feature) holding the text.
     tokens_key: the field holding already-tokenized ids instead (the tokenizer is not run on them; it
       still gives the vocabulary and the bos / eos / pad ids); ``None`` reads ``text_key``.
@@ -695,6 +696,12 @@ class DataConfig(_Checked):
     for f in ("split", "text_key"):
       if not isinstance(getattr(self, f), str) or not getattr(self, f):
         self._fail(f, "must be a non-empty string")
+    if self.split != "train":
+      listed = [self.source] if self.source is not None else (
+          [s for s, _ in parse_mixture(self.mixture)] if self.mixture is not None else [])
+      if not any(s.startswith("tfds:") for s in listed):
+        self._fail("split", "selects a TFDS split: it needs a tfds: source (globs and the built-in data have "
+                            "their own splits)")
     if self.tokens_key is not None and (not isinstance(self.tokens_key, str) or not self.tokens_key):
       self._fail("tokens_key", "must be None (read text_key) or a non-empty field name")
     self._ints("read_threads", "workers", low=0, high=256)

@@ -105,6 +105,8 @@ def test_missing_or_empty_qa_file(tmp_path):
     (dict(mixture="jsonl:/a=0"), r"DataConfig.mixture='jsonl:/a=0' must be None or 'SOURCE=WEIGHT"),
     (dict(tokens_key=""), r"DataConfig.tokens_key='' must be None"),
     (dict(text_key=""), r"DataConfig.text_key='' must be a non-empty string"),
+    (dict(split="test", source="jsonl:/a/*.jsonl"), r"DataConfig.split='test' selects a TFDS split: it needs a tfds: source"),
+    (dict(split="test"), r"DataConfig.split='test' selects a TFDS split"),
     (dict(workers=-1), r"DataConfig.workers=-1 must be an int in \[0, 256\]"),
     (dict(tokenizer="hf:"), r"DataConfig.tokenizer='hf:' is not supported"),
 ])
