@@ -374,3 +374,22 @@ def test_parquet_epochs_are_block_shuffled_permutations(corpora):
     group = [(i // PER_FILE, (i % PER_FILE) // 7) for i in index]
     assert sum(a != b for a, b in zip(group, group[1:])) == len(o.block_sizes) - 1
   assert epochs[0] != epochs[1]
+
+
+def test_tfds_dataset_known_only_by_its_files(corpora, tmp_path):
+  """A prepared dataset whose builder code is not importable here (as c4's is not, without TensorFlow):
+  TFDS reads it from its files; a name without its config says which configs there are."""
+  import shutil
+
+  version_dir = tmp_path / "c4" / "en" / "3.1.0"
+  shutil.copytree(os.path.join(corpora["data_dir"], "memjax_test_corpus", "1.0.0"), version_dir)
+  for path in version_dir.iterdir():
+    path.rename(version_dir / path.name.replace("memjax_test_corpus", "c4"))
+  info = json.loads((version_dir / "dataset_info.json").read_text())
+  info.update(name="c4", configName="en", version="3.1.0")
+  (version_dir / "dataset_info.json").write_text(json.dumps(info))
+  for target in ("c4/en:3.1.0", "c4/en"):
+    o = src.open_source(f"tfds:{target}", data_dir=str(tmp_path))
+    assert sorted(read_all(o)) == sorted(ALL_TEXTS)
+  one_line_error(re.escape(f"source 'tfds:c4': {tmp_path}/c4 holds the configs ['en']; name one, e.g. 'tfds:c4/en'"),
+                 src.open_source, "tfds:c4", data_dir=str(tmp_path))

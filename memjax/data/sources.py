@@ -408,6 +408,14 @@ def _tfds_files(spec: SourceSpec, split: str, data_dir: str) -> list[str]:
     if "array_record" in text.lower() or "file_format" in text.lower():
       raise DataError(f"source '{spec}': not prepared as array_record in {data_dir!r}; rebuild it with "
                       f"`tfds build {spec.target.split(':')[0]} --data_dir={data_dir} --file_format=array_record`") from None
+    name = spec.target.split(":")[0]
+    found = os.path.join(data_dir, name)
+    if "/" not in name and os.path.isdir(found):
+      subdirs = sorted(d for d in os.listdir(found) if os.path.isdir(os.path.join(found, d)))
+      configs = [d for d in subdirs if not d[:1].isdigit()]
+      if configs:
+        raise DataError(f"source '{spec}': {found} holds the configs {configs[:10]}; name one, e.g. "
+                        f"'tfds:{name}/{configs[0]}'") from None
     raise DataError(f"source '{spec}': no prepared dataset {spec.target!r} in data_dir {data_dir!r}; {how}") from None
   info = ds.dataset_info
   if split not in info.splits:
