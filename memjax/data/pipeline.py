@@ -179,7 +179,13 @@ def document_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, seed: int =
   """This process's documents as a ``grain.MapDataset`` of int32 token arrays: sharded
   ``[process_index::process_count]``, shuffled with ``seed`` (by block when ``block_sizes`` is given,
   see ``memjax.data.sources``; a new order each epoch), repeated ``num_epochs`` (``None``: forever)
-  and tokenized (a record that already holds token ids is taken as it is)."""
+  and tokenized (a record that already holds token ids is taken as it is).
+
+  Example:
+    >>> docs = document_dataset([{"text": "ab"}, {"text": "c"}], ByteTokenizer(), shuffle=False, num_epochs=1)
+    >>> [d.tolist() for d in docs]
+    [[100, 101], [102]]
+  """
   docs = grain.MapDataset.source(source)[process_index::process_count]
   if len(docs) == 0:
     raise DataError(f"process_index={process_index} of process_count={process_count} has no documents "
@@ -199,6 +205,12 @@ def pack_batches(docs: grain.MapDataset, *, seq_len: int, batch_size: int, bos_i
   ``read_threads`` Grain threads read and tokenize ahead (the order does not depend on them);
   ``workers > 0`` runs the whole pipeline in that many processes (``mp_prefetch``: each takes every
   ``workers``-th document and batches are taken from them in turn, so the order depends on ``workers``).
+
+  Example:
+    >>> docs = document_dataset([{"text": "abc"}] * 3, ByteTokenizer())
+    >>> batch = next(iter(pack_batches(docs, seq_len=8, batch_size=2, bos_id=2, eos_id=1)))
+    >>> batch["inputs"][0, :5].tolist(), batch["segment_ids"][0].tolist()
+    ([2, 100, 101, 102, 2], [1, 1, 1, 1, 2, 2, 2, 2])
   """
   bins = max(batch_size, 32) if num_packing_bins is None else num_packing_bins
   _check_positive("num_packing_bins", bins)
@@ -333,7 +345,12 @@ class Pipeline:
 
 
 def external_sources(config: DataConfig) -> list[tuple[str, float]] | None:
-  """``[(source, weight), ...]`` of ``data.source`` / ``data.mixture`` (``None``: kb / text_glob)."""
+  """``[(source, weight), ...]`` of ``data.source`` / ``data.mixture`` (``None``: kb / text_glob).
+
+  Example:
+    >>> external_sources(DataConfig(source="jsonl:/data/*.jsonl"))
+    [('jsonl:/data/*.jsonl', 1.0)]
+  """
   from memjax.data.sources import parse_mixture
 
   if config.mixture is not None:

@@ -73,7 +73,12 @@ class SourceSpec:
 
 
 def parse_source(text: str) -> SourceSpec:
-  """``"KIND:TARGET"`` -> ``SourceSpec``; a one-line ``DataError`` naming the allowed forms otherwise."""
+  """``"KIND:TARGET"`` -> ``SourceSpec``; a one-line ``DataError`` naming the allowed forms otherwise.
+
+  Example:
+    >>> str(parse_source("jsonl:~/corpus/**/*.jsonl"))
+    'jsonl:~/corpus/**/*.jsonl'
+  """
   kind, sep, target = str(text).partition(":")
   if not sep or kind not in SOURCE_KINDS or not target.strip():
     raise DataError(f"source={text!r} must be one of 'tfds:NAME[/CONFIG][:VERSION]', 'array_record:GLOB', "
@@ -85,6 +90,10 @@ def parse_mixture(text: str) -> list[tuple[str, float]]:
   """``"SOURCE=WEIGHT, SOURCE=WEIGHT, ..."`` -> ``[(source, weight / total), ...]``.
 
   The weight follows a source's last ``=``; weights are positive numbers, normalised to sum to 1.
+
+  Example:
+    >>> parse_mixture("tfds:c4/en=1, jsonl:/code/*.jsonl=1")
+    [('tfds:c4/en', 0.5), ('jsonl:/code/*.jsonl', 0.5)]
   """
   items = [part.strip() for part in str(text).split(",") if part.strip()]
   if not items:
@@ -105,7 +114,14 @@ def parse_mixture(text: str) -> list[tuple[str, float]]:
 
 
 def match_source_files(spec: SourceSpec) -> list[str]:
-  """Sorted absolute paths of the regular files a glob source matches (``**`` recursive, ``~``)."""
+  """Sorted absolute paths of the regular files a glob source matches (``**`` recursive, ``~``).
+
+  Example:
+    >>> match_source_files(parse_source("parquet:/nowhere/*.parquet"))
+    Traceback (most recent call last):
+    ...
+    memjax.data.errors.DataError: source 'parquet:/nowhere/*.parquet' matched no files
+  """
   files = sorted(os.path.abspath(p) for p in glob_lib.glob(os.path.expanduser(spec.target), recursive=True)
                  if os.path.isfile(p))
   if not files:
@@ -116,7 +132,12 @@ def match_source_files(spec: SourceSpec) -> list[str]:
 def shard_files(files: Sequence[Any], process_index: int, process_count: int) -> tuple[list, int, int]:
   """This process's files and document shard ``(files, doc_index, doc_count)``: its own files
   ``files[process_index::process_count]`` when every process gets one, else all files and a document
-  shard ``(process_index, process_count)``."""
+  shard ``(process_index, process_count)``.
+
+  Example:
+    >>> shard_files(["a", "b", "c", "d"], 0, 2)
+    (['a', 'c'], 0, 1)
+  """
   if len(files) >= process_count:
     return list(files[process_index::process_count]), 0, 1
   return list(files), process_index, process_count
@@ -138,7 +159,16 @@ def block_permutation(block_sizes: Sequence[int], seed: int, epoch: int) -> np.n
 
 def record_value(record: Any, key: str, tokens: bool, where: str):
   """The text (``str``) or int32 token ids of ``record[key]``: a dict (JSON / Parquet row) or a
-  serialized ``tf.train.Example``; ``DataError`` naming ``where`` and the fields present otherwise."""
+  serialized ``tf.train.Example``; ``DataError`` naming ``where`` and the fields present otherwise.
+
+  Example:
+    >>> record_value(b'{"text": "hi", "ids": [4, 5]}', "ids", True, "f.jsonl").tolist()
+    [4, 5]
+    >>> record_value({"body": "x"}, "text", False, "f.parquet")
+    Traceback (most recent call last):
+    ...
+    memjax.data.errors.DataError: f.parquet: no field 'text' (fields: ['body'])
+  """
   if isinstance(record, (bytes, bytearray, memoryview)):
     record = bytes(record)
     if record[:1] == b"{":
@@ -424,7 +454,12 @@ def _tfds_files(spec: SourceSpec, split: str, data_dir: str) -> list[str]:
 
 
 def tfds_splits(spec: SourceSpec, data_dir: str) -> list[str]:
-  """The split names of a prepared TFDS dataset (read from its ``dataset_info.json``)."""
+  """The split names of a prepared TFDS dataset (read from its ``dataset_info.json``; ``[]`` if none).
+
+  Example:
+    >>> tfds_splits(parse_source("tfds:c4/en"), "/nowhere")
+    []
+  """
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(spec.target, data_dir=data_dir)
