@@ -52,6 +52,7 @@ KB_SIZES: dict[str, tuple[int, int]] = {
     "large": (100_000, 4),
 }
 TOKENIZERS = ("byte", "bpe")
+TOKENIZER_FILE_KINDS = ("sentencepiece", "hf")  # data.tokenizer = "KIND:PATH"
 MIN_BPE_VOCAB = 320  # byte fallback: 256 byte pieces + 4 specials + "\n", "\t", and room for merges
 VALIDATION_FRACTION = 0.05
 DATA_DIR_ENV = "MEMJAX_DATA_DIR"
@@ -629,10 +630,23 @@ class DataConfig(_Checked):
       Its ``qa`` split is the QA evaluation unless a QA file is given; unused for training
       when ``text_glob`` is set.
     kb_seed: seed of the knowledge-base world (names, facts, templates); 0 is the standard world.
+    source: train on an outside source instead of the knowledge base: ``"tfds:NAME[/CONFIG][:VERSION]"``
+      (prepared in ``data_dir``), ``"array_record:GLOB"``, ``"parquet:GLOB"`` or ``"jsonl:GLOB"``
+      (``memjax.data.sources``); ``None`` keeps ``text_glob`` / the knowledge base.
+    split: the TFDS split a ``tfds:`` source trains on (its ``"validation"`` split, if any, is the
+      validation); only with a ``tfds:`` source (in a mixture: the TFDS sources use it).
+    text_key: the record field (JSON key, Parquet column, Example feature) holding the text.
+    tokens_key: the field holding already-tokenized ids instead (the tokenizer is not run on them; it
+      still gives the vocabulary and the bos / eos / pad ids); ``None`` reads ``text_key``.
+    mixture: several sources with weights, ``"SOURCE=WEIGHT, SOURCE=WEIGHT"`` (documents drawn in
+      proportion to the normalised weights by Grain's mixing); excludes ``source`` and ``text_glob``.
+    read_threads: Grain threads reading and tokenizing ahead of the trainer (0: in the trainer's thread).
+    workers: Grain worker processes running the pipeline (0: none); the batch order depends on it.
     text_glob: train on local text files matching this glob (.txt, .md, .py, .jsonl) instead of
       the knowledge base; ``None`` trains on the knowledge base.
     validation_fraction: fraction of local-text documents (by path hash) held out, in [0, 1).
-    tokenizer: "byte" (UTF-8 bytes, 259 ids) or "bpe" (SentencePiece BPE trained on the train split).
+    tokenizer: "byte" (UTF-8 bytes, 259 ids), "bpe" (SentencePiece BPE trained on the train split),
+      "sentencepiece:PATH" (a SentencePiece ``.model``) or "hf:PATH" (a Hugging Face ``tokenizer.json``).
     bpe_vocab_size: BPE vocabulary size (a soft limit), >= 320.
     data_dir: where prepared TFDS data and tokenizers live; ``None`` means ``default_data_dir()``:
       ``$MEMJAX_DATA_DIR`` if set, else ``~/.cache/memjax/data``. Prepared data is a deterministic
@@ -647,7 +661,7 @@ class DataConfig(_Checked):
     >>> DataConfig(tokenizer="wordpiece")
     Traceback (most recent call last):
     ...
-    memjax.config.DataConfigError: DataConfig.tokenizer='wordpiece' is not supported; allowed: ['byte', 'bpe']
+    memjax.config.DataConfigError: DataConfig.tokenizer='wordpiece' is not supported; allowed: ['byte', 'bpe', 'sentencepiece:PATH', 'hf:PATH']
   """
 
   _error: ClassVar[type[ConfigError]] = DataConfigError
@@ -660,16 +674,54 @@ class DataConfig(_Checked):
   bpe_vocab_size: int = 1024
   data_dir: str | None = None
   seed: int = 0
+  source: str | None = None
+  split: str = "train"
+  text_key: str = "text"
+  tokens_key: str | None = None
+  mixture: str | None = None
+  read_threads: int = 0
+  workers: int = 0
 
   def __post_init__(self):
+    from memjax.data.errors import DataError
+    from memjax.data.sources import parse_mixture, parse_source
+
     self._choice("kb", KB_SIZES, what="is not a knowledge-base size")
+    if self.source is not None:
+      try:
+        parse_source(self.source)
+      except DataError:
+        self._fail("source", "must be None, 'tfds:NAME[/CONFIG][:VERSION]', 'array_record:GLOB', 'parquet:GLOB' "
+                             "or 'jsonl:GLOB'")
+    if self.mixture is not None:
+      try:
+        parse_mixture(self.mixture)
+      except DataError as e:
+        self._fail("mixture", f"must be None or 'SOURCE=WEIGHT, SOURCE=WEIGHT, ...' ({e})")
+    named = [f for f in ("text_glob", "source", "mixture") if getattr(self, f) is not None]
+    if len(named) > 1:
+      self._fail(named[1], f"cannot be set together with {named[0]}: give one of text_glob, source, mixture")
+    for f in ("split", "text_key"):
+      if not isinstance(getattr(self, f), str) or not getattr(self, f):
+        self._fail(f, "must be a non-empty string")
+    if self.split != "train":
+      listed = [self.source] if self.source is not None else (
+          [s for s, _ in parse_mixture(self.mixture)] if self.mixture is not None else [])
+      if not any(s.startswith("tfds:") for s in listed):
+        self._fail("split", "selects a TFDS split: it needs a tfds: source (globs and the built-in data have "
+                            "their own splits)")
+    if self.tokens_key is not None and (not isinstance(self.tokens_key, str) or not self.tokens_key):
+      self._fail("tokens_key", "must be None (read text_key) or a non-empty field name")
+    self._ints("read_threads", "workers", low=0, high=256)
     self._ints("kb_seed", "seed", low=0, high=2**32 - 1, rule="must be an int in [0, 2**32)")
     if self.text_glob is not None and (not isinstance(self.text_glob, str) or not self.text_glob.strip()):
       self._fail("text_glob", "must be None (use the knowledge base) or a non-empty glob string")
     if not (isinstance(self.validation_fraction, (int, float)) and not isinstance(self.validation_fraction, bool)
             and 0.0 <= self.validation_fraction < 1.0):
       self._fail("validation_fraction", "must be a float in [0, 1)")
-    self._choice("tokenizer", TOKENIZERS)
+    kind, sep, path = self.tokenizer.partition(":") if isinstance(self.tokenizer, str) else ("", "", "")
+    if not (self.tokenizer in TOKENIZERS or (sep and kind in TOKENIZER_FILE_KINDS and path)):
+      self._fail("tokenizer", f"is not supported; allowed: {list(TOKENIZERS) + [k + ':PATH' for k in TOKENIZER_FILE_KINDS]}")
     self._ints("bpe_vocab_size", low=MIN_BPE_VOCAB)
     if self.data_dir is not None and (not isinstance(self.data_dir, (str, os.PathLike)) or not os.fspath(self.data_dir)):
       self._fail("data_dir", "must be None (use default_data_dir()) or a path")

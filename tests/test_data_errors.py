@@ -90,7 +90,7 @@ def test_missing_or_empty_qa_file(tmp_path):
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(kb="huge"), r"DataConfig.kb='huge' is not a knowledge-base size; allowed: \['tiny', 'small', 'medium', 'large'\]"),
-    (dict(tokenizer="wordpiece"), r"DataConfig.tokenizer='wordpiece' is not supported; allowed: \['byte', 'bpe'\]"),
+    (dict(tokenizer="wordpiece"), r"DataConfig.tokenizer='wordpiece' is not supported; allowed: \['byte', 'bpe', 'sentencepiece:PATH', 'hf:PATH'\]"),
     (dict(bpe_vocab_size=100), r"DataConfig.bpe_vocab_size=100 must be an int >= 320"),
     (dict(bpe_vocab_size=512.0), r"DataConfig.bpe_vocab_size=512.0"),
     (dict(seed=-1), r"DataConfig.seed=-1 must be an int in \[0, 2\*\*32\)"),
@@ -98,6 +98,17 @@ def test_missing_or_empty_qa_file(tmp_path):
     (dict(text_glob=""), r"DataConfig.text_glob='' must be None"),
     (dict(validation_fraction=1.0), r"DataConfig.validation_fraction=1.0 must be a float in \[0, 1\)"),
     (dict(data_dir=""), r"DataConfig.data_dir=''"),
+    (dict(source="csv:/a/*.csv"), r"DataConfig.source='csv:/a/\*.csv' must be None, 'tfds:NAME\[/CONFIG\]\[:VERSION\]', "
+                                  r"'array_record:GLOB', 'parquet:GLOB' or 'jsonl:GLOB'"),
+    (dict(source="jsonl:/a", text_glob="/b/*"), r"DataConfig.source='jsonl:/a' cannot be set together with text_glob"),
+    (dict(source="jsonl:/a", mixture="jsonl:/b=1"), r"DataConfig.mixture=.* cannot be set together with source"),
+    (dict(mixture="jsonl:/a=0"), r"DataConfig.mixture='jsonl:/a=0' must be None or 'SOURCE=WEIGHT"),
+    (dict(tokens_key=""), r"DataConfig.tokens_key='' must be None"),
+    (dict(text_key=""), r"DataConfig.text_key='' must be a non-empty string"),
+    (dict(split="test", source="jsonl:/a/*.jsonl"), r"DataConfig.split='test' selects a TFDS split: it needs a tfds: source"),
+    (dict(split="test"), r"DataConfig.split='test' selects a TFDS split"),
+    (dict(workers=-1), r"DataConfig.workers=-1 must be an int in \[0, 256\]"),
+    (dict(tokenizer="hf:"), r"DataConfig.tokenizer='hf:' is not supported"),
 ])
 def test_bad_data_configs_name_the_field(kwargs, field):
   raises_one_line(field, DataConfig, **kwargs)

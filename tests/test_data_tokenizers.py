@@ -1,5 +1,7 @@
 """Byte and BPE tokenizers: round trips on non-ASCII text, special ids, save/load."""
 
+import json
+
 import pytest
 
 from memjax.data import tokenizers as tk
@@ -84,3 +86,116 @@ def test_tokenizer_errors_are_one_line_and_name_the_file(tmp_path):
     tk.train_bpe(CORPUS, 100)
   with pytest.raises(DataError, match="empty corpus"):
     tk.train_bpe(["", "  \n "], 400)
+
+
+# ----- tokenizer files: sentencepiece:PATH and hf:PATH ----------------------------------------
+
+FILE_TEXTS = ["Mara Ivel was born in Lyon.", "Grüße aus Köln, 日本語 ✓", "def f(x):\n  return x", "a  b   c"]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+  """A SentencePiece model trained here with SentencePiece's own defaults for ids (unk 0, bos 1,
+  eos 2, no pad), as most published models have."""
+  import sentencepiece as spm
+
+  d = tmp_path_factory.mktemp("sp")
+  (d / "corpus.txt").write_text("\n".join(CORPUS))
+  spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "sp"), vocab_size=400,
+                                 model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                 add_dummy_prefix=False, remove_extra_whitespaces=False, minloglevel=2,
+                                 hard_vocab_limit=False)
+  return d / "sp.model"
+
+
+def build_hf_json(path, specials, vocab_size=400):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(CORPUS, trainer)
+  tok.save(str(path))
+  return path
+
+
+def test_sentencepiece_file_round_trip_and_ids_from_the_model(sp_model):
+  import pickle
+
+  tok = tk.tokenizer_from_file(f"sentencepiece:{sp_model}")
+  assert isinstance(tok, tk.Tokenizer) and tok.kind == "sentencepiece"
+  assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.pad_id == tok.eos_id  # no pad piece: pad with eos
+  assert tok.vocab_size >= 259  # 256 byte pieces + specials, and a few merges
+  for text in FILE_TEXTS:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.encode_array(text).tolist() == ids
+  assert tok.decode([tok.bos_id, *tok.encode("Köln"), tok.eos_id]) == "Köln"
+  assert pickle.loads(pickle.dumps(tok)).encode(FILE_TEXTS[1]) == tok.encode(FILE_TEXTS[1])
+
+
+def test_hf_tokenizer_json_round_trip_and_special_tokens(tmp_path):
+  import pickle
+
+  path = build_hf_json(tmp_path / "tokenizer.json", ["<pad>", "<s>", "</s>"])
+  tok = tk.tokenizer_from_file(f"hf:{path}")
+  assert tok.kind == "hf" and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  for text in TEXTS + FILE_TEXTS:
+    ids = tok.encode(text)
+    assert not {0, 1, 2} & set(ids)
+    assert tok.decode(ids) == text, text
+  assert tok.decode([1, *tok.encode("Köln"), 2]) == "Köln"
+  assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[1]) == tok.encode(TEXTS[1])
+  assert tk.tokenizer_from_file(f"hf:{tmp_path}").eos_id == 2  # a directory holding tokenizer.json
+
+
+def test_hf_special_tokens_from_tokenizer_config(tmp_path):
+  """GPT-2 style: one special token, named by tokenizer_config.json; bos and pad fall back to it."""
+  path = build_hf_json(tmp_path / "tokenizer.json", ["<|endoftext|>", "<|user|>"])
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": {"content": "<|user|>"}, "bos_token": null}')
+  tok = tk.tokenizer_from_file(f"hf:{path}")
+  user = tok._tok.token_to_id("<|user|>")
+  assert (tok.eos_id, tok.bos_id, tok.pad_id) == (user, user, user) and user == 1
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<nope>"}')
+  with pytest.raises(DataError, match=r"names eos_token='<nope>', which is not in the vocabulary"):
+    tk.tokenizer_from_file(f"hf:{path}")
+
+
+def test_tokenizer_file_errors_are_one_line(tmp_path, sp_model):
+  hf = build_hf_json(tmp_path / "tokenizer.json", ["<pad>", "<s>", "</s>"])
+  no_eos = build_hf_json(tmp_path / "noeos" / "tokenizer.json" if (tmp_path / "noeos").mkdir() is None else None,
+                         ["<unk>"])
+  cases = [
+      (f"hf:{tmp_path}/missing.json", r"tokenizer='hf:.*missing.json': cannot read .*No such file"),
+      (f"sentencepiece:{tmp_path}/missing.model", r"cannot read .*missing.model"),
+      (f"hf:{sp_model}", r"sp.model' is not a tokenizer.json \(not UTF-8 JSON; for a SentencePiece model use"),
+      (f"sentencepiece:{hf}", r"tokenizer.json' is JSON, not a SentencePiece model \(for a tokenizer.json use 'hf:"),
+      (f"hf:{no_eos}", r"has no eos token"),
+  ]
+  (tmp_path / "garbage.json").write_text('{"not": "a tokenizer"}')
+  cases.append((f"hf:{tmp_path}/garbage.json", r"garbage.json' is not a Hugging Face tokenizer.json"))
+  for spec, match in cases:
+    with pytest.raises(DataError, match=match) as err:
+      tk.tokenizer_from_file(spec)
+    assert "\n" not in str(err.value) and spec in str(err.value), str(err.value)
+
+
+def test_pipeline_pads_with_the_files_pad_id(tmp_path):
+  """A tokenizer whose pad is not 0: padded inputs hold its pad id, out of the loss and attention."""
+  from memjax.data import make_pipeline
+
+  path = build_hf_json(tmp_path / "tok" / "tokenizer.json" if (tmp_path / "tok").mkdir() is None else None,
+                       ["<s>", "</s>", "<pad>"])
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in CORPUS[:4]))
+  pipe = make_pipeline(seq_len=64, batch_size=4, source=f"jsonl:{tmp_path}/c/*.jsonl", tokenizer=f"hf:{path}",
+                       data_dir=tmp_path / "d", process_index=0, process_count=1)
+  assert (pipe.tokenizer.bos_id, pipe.tokenizer.eos_id, pipe.tokenizer.pad_id) == (0, 1, 2)
+  assert pipe.tokenizer_path == str(path)
+  batch = next(pipe.train)
+  pad = batch["segment_ids"] == 0
+  assert pad.any() and (batch["inputs"][pad] == 2).all() and (batch["loss_mask"][pad] == 0).all()
+  first = (batch["positions"] == 0) & ~pad
+  assert (batch["inputs"][first] == 0).all()  # every document starts with the file's bos
+  assert set(batch["targets"][~pad].tolist()) >= {1}  # and ends with its eos

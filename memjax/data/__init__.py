@@ -3,7 +3,9 @@
 * ``knowledge``: a synthetic knowledge base (TFDS builder ``memjax_knowledge``): people, facts,
   paraphrased biographies, QA pairs.
 * ``local_text``: any local text from a glob (TFDS builder ``memjax_local_text``).
-* ``tokenizers``: byte-level and BPE (SentencePiece) tokenizers behind one interface.
+* ``sources``: outside data: TFDS datasets, ArrayRecord / Parquet / JSONL shards, mixtures.
+* ``tokenizers``: byte-level, BPE (SentencePiece) and tokenizer files (SentencePiece ``.model``,
+  Hugging Face ``tokenizer.json``) behind one interface.
 * ``pipeline``: Grain pipeline (shard, shuffle, tokenize, pack, batch, resumable) and
   ``make_pipeline``, the one entry point a trainer calls.
 * ``qa``: ``qa_exact_match`` by batched greedy decoding.
@@ -25,12 +27,14 @@ _EXPORTS = {
                               "prepare_knowledge", "qa_pairs"),
     "memjax.data.local_text": ("SUPPORTED_SUFFIXES", "MemjaxLocalText", "local_text_builder_config",
                                "prepare_local_text"),
-    "memjax.data.pipeline": ("BATCH_KEYS", "Pipeline", "batch_dataset", "document_chunks", "make_pipeline",
-                             "prepare_data"),
+    "memjax.data.pipeline": ("BATCH_KEYS", "Pipeline", "batch_dataset", "document_chunks", "document_dataset",
+                             "make_pipeline", "pack_batches", "prepare_data"),
+    "memjax.data.sources": ("SOURCE_KINDS", "SourceSpec", "open_source", "parse_mixture", "parse_source",
+                            "shard_files"),
     "memjax.data.qa": ("QAItem", "answer_matches", "load_qa_items", "normalize_answer", "qa_exact_match",
                        "read_qa_jsonl"),
-    "memjax.data.tokenizers": ("ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer",
-                               "train_bpe"),
+    "memjax.data.tokenizers": ("ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer",
+                               "load_tokenizer", "tokenizer_from_file", "train_bpe"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

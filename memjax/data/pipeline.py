@@ -29,7 +29,8 @@ another document (a document's last token predicts ``eos``, not the next documen
 so ``loss_mask`` is 0 exactly on padding: ``loss_mask == (segment_ids > 0)``.
 
 Order, sharding and state. Documents are sharded first, ``source[process_index::process_count]``
-(disjoint, together all documents), then shuffled globally with ``seed`` (a new permutation every
+(disjoint, together all documents; outside sources, ``memjax.data.sources``, shard by file first),
+then shuffled globally with ``seed`` (a new permutation every
 epoch) and repeated forever (``num_epochs=None``). The iterator is a ``grain.DatasetIterator``:
 ``state = it.get_state()`` (a small JSON-able dict of this process's position) and
 ``fresh_it.set_state(state)`` resumes at exactly the next batch; each process saves its own state.
@@ -72,9 +73,10 @@ def document_chunks(tokens_N: np.ndarray, *, seq_len: int, bos_id: int, eos_id: 
           for i in range(0, len(inputs), seq_len)]
 
 
-def rows_to_batch(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
+def rows_to_batch(rows: Sequence[dict[str, np.ndarray]], batch_size: int, pad_id: int = 0) -> dict[str, np.ndarray]:
   """Stacks packed rows (Grain's ``inputs``/``targets`` + ``*_segment_ids``/``*_positions``) into the
-  batch contract, adding all-padding rows up to ``batch_size`` (only the last batch of a finite pass)."""
+  batch contract, adding all-padding rows up to ``batch_size`` (only the last batch of a finite pass);
+  padded ``inputs`` hold ``pad_id`` (padded ``targets`` stay 0, out of the loss)."""
   seq_len = len(rows[0]["inputs"])
   out = {
       "inputs": np.zeros((batch_size, seq_len), np.int32),
@@ -88,23 +90,58 @@ def rows_to_batch(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dic
     out["segment_ids"][b] = row["inputs_segment_ids"]
     out["positions"][b] = row["inputs_positions"]
   out["loss_mask"] = (out["segment_ids"] > 0).astype(np.float32)
+  if pad_id:
+    out["inputs"][out["segment_ids"] == 0] = pad_id
   return {k: out[k] for k in BATCH_KEYS}
 
 
 # ----- Grain transforms (classes, so they pickle for worker processes) -----------------------
 
 class _Tokenize(grain.transforms.Map):
-  """A source record -> the int32 tokens of its ``text`` field."""
+  """A source record -> int32 tokens: a dict's ``field`` (or the value itself) tokenized when it is
+  text, taken as it is when it is already token ids (a pre-tokenized source)."""
 
   def __init__(self, tokenizer: Tokenizer, field: str = "text"):
     self._tokenizer = tokenizer
     self._field = field
 
   def map(self, record):
-    text = record[self._field]
+    text = record[self._field] if isinstance(record, dict) else record
+    if isinstance(text, np.ndarray):
+      return text.astype(np.int32, copy=False)
     if isinstance(text, bytes):
       text = text.decode("utf-8")
     return self._tokenizer.encode_array(text)
+
+
+class _BlockShuffle(grain.MapDataset):
+  """Documents of a block-structured source (Parquet row groups) in ``sources.block_permutation``
+  order: a new order of blocks, and of rows within each block, every epoch."""
+
+  def __init__(self, parent: grain.MapDataset, block_sizes: Sequence[int], seed: int):
+    super().__init__(parent)
+    self._n = len(parent)
+    self._sizes = list(block_sizes)
+    self._seed = seed
+    self._perm = (-1, None)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    from memjax.data.sources import block_permutation
+
+    epoch, i = divmod(index, self._n)
+    cached_epoch, perm = self._perm
+    if cached_epoch != epoch:
+      perm = block_permutation(self._sizes, self._seed, epoch)
+      self._perm = (epoch, perm)
+    return self._parent[int(perm[i])]
+
+  def __str__(self) -> str:
+    return f"_BlockShuffle(blocks={len(self._sizes)}, seed={self._seed})"
 
 
 class _Chunk(grain.experimental.FlatMapTransform):
@@ -136,6 +173,63 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
   return process_index, process_count
 
 
+def document_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, seed: int = 0, shuffle: bool = True,
+                     num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+                     block_sizes: Sequence[int] | None = None, text_field: str = "text") -> grain.MapDataset:
+  """This process's documents as a ``grain.MapDataset`` of int32 token arrays: sharded
+  ``[process_index::process_count]``, shuffled with ``seed`` (by block when ``block_sizes`` is given,
+  see ``memjax.data.sources``; a new order each epoch), repeated ``num_epochs`` (``None``: forever)
+  and tokenized (a record that already holds token ids is taken as it is).
+
+  Example:
+    >>> docs = document_dataset([{"text": "ab"}, {"text": "c"}], ByteTokenizer(), shuffle=False, num_epochs=1)
+    >>> [d.tolist() for d in docs]
+    [[100, 101], [102]]
+  """
+  docs = grain.MapDataset.source(source)[process_index::process_count]
+  if len(docs) == 0:
+    raise DataError(f"process_index={process_index} of process_count={process_count} has no documents "
+                    f"(the source has {len(source)})")
+  if shuffle and block_sizes is not None and process_count == 1:
+    docs = _BlockShuffle(docs, block_sizes, seed)
+  elif shuffle:
+    docs = docs.shuffle(seed=seed)
+  return docs.repeat(num_epochs).map(_Tokenize(tokenizer, text_field))
+
+
+def pack_batches(docs: grain.MapDataset, *, seq_len: int, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
+                 seed: int = 0, shuffle: bool = True, finite: bool = False, num_packing_bins: int | None = None,
+                 read_threads: int = 0, workers: int = 0) -> grain.IterDataset:
+  """Token documents -> chunks -> first-fit packed rows -> batches (the contract in the module doc).
+
+  ``read_threads`` Grain threads read and tokenize ahead (the order does not depend on them);
+  ``workers > 0`` runs the whole pipeline in that many processes (``mp_prefetch``: each takes every
+  ``workers``-th document and batches are taken from them in turn, so the order depends on ``workers``).
+
+  Example:
+    >>> docs = document_dataset([{"text": "abc"}] * 3, ByteTokenizer())
+    >>> batch = next(iter(pack_batches(docs, seq_len=8, batch_size=2, bos_id=2, eos_id=1)))
+    >>> batch["inputs"][0, :5].tolist(), batch["segment_ids"][0].tolist()
+    ([2, 100, 101, 102, 2], [1, 1, 1, 1, 2, 2, 2, 2])
+  """
+  bins = max(batch_size, 32) if num_packing_bins is None else num_packing_bins
+  _check_positive("num_packing_bins", bins)
+  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 2 * bins)))
+  ds = grain.experimental.FlatMapIterDataset(ds, _Chunk(seq_len, bos_id, eos_id))
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=bins, seed=seed,
+      shuffle_bins=shuffle)
+  ds = ds.batch(batch_size, drop_remainder=not finite,
+                batch_fn=functools.partial(rows_to_batch, batch_size=batch_size, pad_id=pad_id))
+  if workers:
+    from absl import flags  # Grain's workers read its absl flags: outside an absl app, use their defaults
+
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return ds
+
+
 def batch_dataset(
     source: Sequence[Any],
     tokenizer: Tokenizer,
@@ -149,12 +243,15 @@ def batch_dataset(
     process_count: int | None = None,
     num_packing_bins: int | None = None,
     read_threads: int = 0,
+    workers: int = 0,
     text_field: str = "text",
+    block_sizes: Sequence[int] | None = None,
 ) -> grain.IterDataset:
   """The pipeline as a ``grain.IterDataset`` of batches (see the module doc); ``iter()`` it.
 
   Args:
-    source: random-access records with a text field (a TFDS ``as_data_source`` split, or a list).
+    source: random-access records: dicts with a text field (a TFDS ``as_data_source`` split, or a
+      list), or the text / int32 token ids themselves (``memjax.data.sources``).
     tokenizer: any ``Tokenizer``.
     seq_len, batch_size: ``T`` and ``B`` (per process).
     seed: shuffle and bin-shuffle seed.
@@ -164,33 +261,28 @@ def batch_dataset(
     process_index, process_count: this process's shard; default ``jax.process_index()/count()``.
     num_packing_bins: rows packed at a time by first-fit (more rows, less padding); default ``max(B, 32)``.
     read_threads: Grain read threads (0 reads and tokenizes in the calling thread).
+    workers: Grain worker processes (0: none; see ``pack_batches``).
     text_field: the record field holding the text.
+    block_sizes: shuffle by blocks of these sizes (see ``document_dataset``).
+
+  Example:
+    >>> it = iter(batch_dataset([{"text": "abc"}] * 4, ByteTokenizer(), seq_len=8, batch_size=2,
+    ...                         process_index=0, process_count=1))
+    >>> next(it)["inputs"].shape
+    (2, 8)
   """
   _check_positive("seq_len", seq_len)
   _check_positive("batch_size", batch_size)
   process_index, process_count = resolve_process(process_index, process_count)
   if num_epochs is not None:
     _check_positive("num_epochs", num_epochs)
-  bins = max(batch_size, 32) if num_packing_bins is None else num_packing_bins
-  _check_positive("num_packing_bins", bins)
-  if tokenizer.pad_id != 0:
-    raise DataError(f"tokenizer pad_id={tokenizer.pad_id} must be 0: packing pads with zeros")
-
-  docs = grain.MapDataset.source(source)[process_index::process_count]
-  if len(docs) == 0:
-    raise DataError(f"process_index={process_index} of process_count={process_count} has no documents "
-                    f"(the source has {len(source)})")
-  if shuffle:
-    docs = docs.shuffle(seed=seed)
-  docs = docs.repeat(num_epochs).map(_Tokenize(tokenizer, text_field))
-  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 2 * bins)))
-  ds = grain.experimental.FlatMapIterDataset(ds, _Chunk(seq_len, tokenizer.bos_id, tokenizer.eos_id))
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=bins, seed=seed,
-      shuffle_bins=shuffle)
-  finite = num_epochs is not None
-  return ds.batch(batch_size, drop_remainder=not finite,
-                  batch_fn=functools.partial(rows_to_batch, batch_size=batch_size))
+  docs = document_dataset(source, tokenizer, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                          process_index=process_index, process_count=process_count, block_sizes=block_sizes,
+                          text_field=text_field)
+  return pack_batches(docs, seq_len=seq_len, batch_size=batch_size, bos_id=tokenizer.bos_id,
+                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed, shuffle=shuffle,
+                      finite=num_epochs is not None, num_packing_bins=num_packing_bins,
+                      read_threads=read_threads, workers=workers)
 
 
 class TextSource:
@@ -234,10 +326,12 @@ class Pipeline:
       the validation split (no shuffling; last batch padded), or is ``None`` if there is none.
     qa_items: QA items (the QA file if given, else the knowledge base's ``qa`` split; empty for
       local text without a QA file).
-    source: ``"<tfds name>/<config name>"`` of the training data.
+    source: ``"<tfds name>/<config name>"`` of the training data (``data.source`` / ``data.mixture``
+      as given for outside data).
     data_dir: where the prepared data lives (the resolved ``data_dir``).
     tokenizer_path: the stored BPE model (``None`` for the byte tokenizer).
-    metadata: split sizes and, for local text, what was skipped.
+    metadata: split sizes and, for local text, what was skipped (outside data: per source its
+      weight, documents and files read by this process, and the validation size).
   """
 
   tokenizer: Tokenizer
@@ -250,27 +344,136 @@ class Pipeline:
   metadata: dict[str, Any]
 
 
+def external_sources(config: DataConfig) -> list[tuple[str, float]] | None:
+  """``[(source, weight), ...]`` of ``data.source`` / ``data.mixture`` (``None``: kb / text_glob).
+
+  Example:
+    >>> external_sources(DataConfig(source="jsonl:/data/*.jsonl"))
+    [('jsonl:/data/*.jsonl', 1.0)]
+  """
+  from memjax.data.sources import parse_mixture
+
+  if config.mixture is not None:
+    return parse_mixture(config.mixture)
+  if config.source is not None:
+    return [(config.source, 1.0)]
+  return None
+
+
 def prepare_data(config: DataConfig):
-  """Builds (once) the TFDS dataset the config trains on and returns its builder."""
+  """Builds (once) the TFDS dataset the config trains on and returns its builder (``None`` for
+  ``data.source`` / ``data.mixture``: those are read as they are)."""
   from memjax.data.knowledge import prepare_knowledge
   from memjax.data.local_text import prepare_local_text
 
+  if external_sources(config) is not None:
+    return None
   if config.text_glob is not None:
     return prepare_local_text(config.resolved_data_dir, config.text_glob, config.validation_fraction)
   return prepare_knowledge(config.resolved_data_dir, config.kb, config.kb_seed)
 
 
-def tokenizer_for(config: DataConfig, builder) -> tuple[Tokenizer, str | None]:
-  """The config's tokenizer; a BPE model is trained on the train split once and stored beside it as
-  ``<prepared dataset dir>/tokenizer/bpe_<vocab>.model``."""
+def _open(config: DataConfig, source: str, split: str, process_index: int, process_count: int):
+  from memjax.data.sources import open_source
+
+  return open_source(source, split=split, text_key=config.text_key, tokens_key=config.tokens_key,
+                     data_dir=config.resolved_data_dir, process_index=process_index, process_count=process_count)
+
+
+def _bpe_path_for_sources(config: DataConfig) -> str:
+  """Where a BPE trained on ``data.source`` / ``data.mixture`` is kept: named by a hash of the sources,
+  the split, the key and every matched file's path, size and mtime."""
+  import hashlib
+
+  from memjax.data.sources import match_source_files, parse_source
+
+  digest = hashlib.sha256(f"{config.source}\0{config.mixture}\0{config.split}\0{config.text_key}".encode())
+  for source, _ in external_sources(config):
+    spec = parse_source(source)
+    if spec.kind != "tfds":
+      for path in match_source_files(spec):
+        st = os.stat(path)
+        digest.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+  return os.path.join(config.resolved_data_dir, "memjax_tokenizers",
+                      f"bpe_{config.bpe_vocab_size}_{digest.hexdigest()[:16]}.model")
+
+
+def tokenizer_for(config: DataConfig, builder=None) -> tuple[Tokenizer, str | None]:
+  """The config's tokenizer and the file it lives in (``None`` for bytes).
+
+  ``sentencepiece:PATH`` / ``hf:PATH`` are read from their file. A BPE model is trained on the train
+  split once and stored beside it as ``<prepared dataset dir>/tokenizer/bpe_<vocab>.model`` (for
+  ``data.source`` / ``data.mixture``: ``<data_dir>/memjax_tokenizers/bpe_<vocab>_<hash>.model``).
+  """
+  from memjax.data.tokenizers import tokenizer_from_file
+
   if config.tokenizer == "byte":
     return ByteTokenizer(), None
-  path = os.path.join(os.fspath(builder.data_dir), "tokenizer", f"bpe_{config.bpe_vocab_size}.model")
+  if config.tokenizer != "bpe":
+    tok = tokenizer_from_file(config.tokenizer)
+    return tok, tok.path
+  if builder is None and external_sources(config) is None:
+    builder = prepare_data(config)
+  if builder is not None:
+    path = os.path.join(os.fspath(builder.data_dir), "tokenizer", f"bpe_{config.bpe_vocab_size}.model")
+    if not os.path.exists(path):
+      source = TextSource(builder, "train")
+      texts = (source[i]["text"].decode("utf-8") for i in range(len(source)))
+      train_bpe(texts, config.bpe_vocab_size).save(path)
+    return load_tokenizer(path), path
+  if config.tokens_key is not None:
+    raise DataError(f"tokenizer='bpe' trains on text, but tokens_key={config.tokens_key!r} reads token ids: name "
+                    "the tokenizer the ids came from (sentencepiece:PATH or hf:PATH)")
+  path = _bpe_path_for_sources(config)
   if not os.path.exists(path):
-    source = TextSource(builder, "train")
-    texts = (source[i]["text"].decode("utf-8") for i in range(len(source)))
-    train_bpe(texts, config.bpe_vocab_size).save(path)
+    opened = [_open(config, s, config.split, 0, 1) for s, _ in external_sources(config)]
+
+    def texts():
+      for o in opened:  # in source order, each file in order; train_bpe stops at its max_chars
+        for i in range(len(o.values)):
+          yield o.values[i]
+
+    train_bpe(texts(), config.bpe_vocab_size).save(path)
   return load_tokenizer(path), path
+
+
+def _check_token_ids(name: str, ids, tokenizer: Tokenizer) -> None:
+  ids = np.asarray(ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+    raise DataError(f"source '{name}': token ids in [{int(ids.min())}, {int(ids.max())}] do not fit the tokenizer's "
+                    f"vocab_size={tokenizer.vocab_size} (set data.tokenizer to the one the ids came from)")
+
+
+def _external_pipeline(config: DataConfig, sources, tok: Tokenizer, *, seq_len: int, batch_size: int,
+                       process_index: int, process_count: int, num_packing_bins: int | None):
+  from memjax.data.sources import parse_source, tfds_splits
+
+  common = dict(seq_len=seq_len, batch_size=batch_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                num_packing_bins=num_packing_bins, read_threads=config.read_threads)
+  docs, metadata = [], {"sources": {}}
+  for i, (source, weight) in enumerate(sources):
+    o = _open(config, source, config.split, process_index, process_count)
+    if config.tokens_key is not None:
+      _check_token_ids(o.name, o.values[0], tok)
+    docs.append(document_dataset(o.values, tok, seed=config.seed + i, process_index=o.doc_index,
+                                 process_count=o.doc_count, block_sizes=o.block_sizes))
+    metadata["sources"][o.name] = {"weight": weight, "documents": len(o.values), "files": len(o.files),
+                                   "total_files": o.total_files}
+  mixed = docs[0] if len(docs) == 1 else grain.MapDataset.mix(docs, [w for _, w in sources])
+  train = iter(pack_batches(mixed, seed=config.seed, workers=config.workers, **common))
+
+  validation = None
+  if len(sources) == 1 and parse_source(sources[0][0]).kind == "tfds" and config.split != "validation":
+    spec = parse_source(sources[0][0])
+    if "validation" in tfds_splits(spec, config.resolved_data_dir):
+      val = _open(config, sources[0][0], "validation", process_index, process_count)
+      metadata["validation"] = len(val.values)
+      if len(val.values) >= val.doc_count:
+        def validation():
+          vdocs = document_dataset(val.values, tok, shuffle=False, num_epochs=1, process_index=val.doc_index,
+                                   process_count=val.doc_count)
+          return iter(pack_batches(vdocs, shuffle=False, finite=True, **common))
+  return train, validation, metadata
 
 
 def make_pipeline(
@@ -293,7 +496,8 @@ def make_pipeline(
     process_index, process_count: this process's shard; default JAX's.
     num_packing_bins: rows packed at a time (see ``batch_dataset``).
     **fields: ``DataConfig`` fields replacing those of ``config``, e.g.
-      ``make_pipeline(seq_len=128, batch_size=16, kb="small", tokenizer="bpe")``.
+      ``make_pipeline(seq_len=128, batch_size=16, kb="small", tokenizer="bpe")`` or
+      ``make_pipeline(seq_len=1024, batch_size=8, source="parquet:/data/*.parquet", tokenizer="hf:tok.json")``.
 
   See the module doc for the batch contract.
   """
@@ -312,11 +516,21 @@ def make_pipeline(
   process_index, process_count = resolve_process(process_index, process_count)
   qa_items = read_qa_jsonl(qa_jsonl) if qa_jsonl is not None else None  # fail fast on a bad QA file
 
+  sources = external_sources(config)
+  if sources is not None:
+    tok, tok_path = tokenizer_for(config)
+    train, validation, metadata = _external_pipeline(
+        config, sources, tok, seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+        process_count=process_count, num_packing_bins=num_packing_bins)
+    return Pipeline(tokenizer=tok, train=train, validation=validation, qa_items=qa_items or [],
+                    source=config.mixture or config.source, data_dir=config.resolved_data_dir,
+                    tokenizer_path=tok_path, metadata=metadata)
+
   builder = prepare_data(config)
   tok, tok_path = tokenizer_for(config, builder)
   common = dict(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
-                process_count=process_count, num_packing_bins=num_packing_bins)
-  train = iter(batch_dataset(TextSource(builder, "train"), tok, seed=config.seed, **common))
+                process_count=process_count, num_packing_bins=num_packing_bins, read_threads=config.read_threads)
+  train = iter(batch_dataset(TextSource(builder, "train"), tok, seed=config.seed, workers=config.workers, **common))
 
   validation = None
   if "validation" in builder.info.splits:

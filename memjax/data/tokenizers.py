@@ -1,4 +1,4 @@
-"""Tokenizers behind one small interface: byte-level (default) and BPE (SentencePiece).
+"""Tokenizers behind one small interface: byte-level (default), BPE (SentencePiece), tokenizer files.
 
 Both map ``str -> list[int]`` and back, with the same special ids so packed batches look alike:
 
@@ -17,6 +17,12 @@ Both map ``str -> list[int]`` and back, with the same special ids so packed batc
   character U+2581 (which SentencePiece uses for spaces and decodes as a space). Id 3 is ``unk``
   (unused thanks to byte fallback); ``"\\n"`` and ``"\\t"`` are single pieces.
 
+Tokenizer files (``data.tokenizer = "sentencepiece:PATH" | "hf:PATH"``, ``tokenizer_from_file``):
+any SentencePiece ``.model`` (``SentencePieceTokenizer``, kind ``"sentencepiece"``) or Hugging Face
+``tokenizer.json`` (``HFTokenizer``, through the ``tokenizers`` package). Their bos / eos / pad ids
+are the file's own (not the table above); a file without pad pads with eos and one without bos
+starts documents with eos (padding is masked, so its id is never learned); no eos is an error.
+
 ``save(path)`` writes one file (JSON for bytes, the SentencePiece model proto for BPE) and
 ``load_tokenizer(path)`` reads either back.
 
@@ -32,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -41,7 +48,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from memjax.config import MIN_BPE_VOCAB
+from memjax.config import MIN_BPE_VOCAB, TOKENIZER_FILE_KINDS
 from memjax.data.errors import DataError
 
 PAD_ID = 0
@@ -135,24 +142,45 @@ class ByteTokenizer(_SpecialIds):
     return "ByteTokenizer(vocab_size=259)"
 
 
-class SentencePieceTokenizer(_SpecialIds):
-  """A SentencePiece model (BPE from ``train_bpe``) with the shared special ids.
+class SentencePieceTokenizer:
+  """A SentencePiece model: a BPE from ``train_bpe`` or any ``.model`` file (``sentencepiece:PATH``).
 
-  Build it with ``train_bpe`` or ``load_tokenizer``; the constructor takes the serialized model.
+  Special ids are the model's own: a model trained by ``train_bpe`` has pad 0, eos 1, bos 2. A model
+  without a pad piece pads with its eos id and one without a bos piece starts documents with eos
+  (padding is masked by ``segment_ids`` / ``loss_mask``, so its id never reaches the loss); a model
+  without eos is an error (every packed document ends with it).
+
+  Build it with ``train_bpe``, ``load_tokenizer`` or ``tokenizer_from_file``; the constructor takes the
+  serialized model.
   """
 
-  kind = "bpe"
-
-  def __init__(self, model_proto: bytes):
-    import sentencepiece as spm  # Imported lazily: only the BPE tokenizer needs it.
+  def __init__(self, model_proto: bytes, *, kind: str = "bpe", path: str | None = None):
+    import sentencepiece as spm  # Imported lazily: only the SentencePiece tokenizers need it.
 
     self._proto = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-    got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.bos_id())
-    if got != (PAD_ID, EOS_ID, BOS_ID):
-      raise DataError(
-          f"SentencePiece model has (pad, eos, bos) ids {got}; memjax needs {(PAD_ID, EOS_ID, BOS_ID)}: "
-          "train it with memjax.data.train_bpe")
+    self.kind = kind
+    self.path = path  # the file it was read from (None: trained or built in memory)
+    eos = int(self._sp.eos_id())
+    if eos < 0:
+      raise DataError(f"SentencePiece model {path or '(in memory)'!r} has no eos piece; memjax ends every "
+                      "document with eos")
+    pad, bos = int(self._sp.pad_id()), int(self._sp.bos_id())
+    self._eos = eos
+    self._pad = pad if pad >= 0 else eos
+    self._bos = bos if bos >= 0 else eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
 
   @property
   def vocab_size(self) -> int:
@@ -171,10 +199,164 @@ class SentencePieceTokenizer(_SpecialIds):
     _atomic_write(path, self._proto)
 
   def __reduce__(self):  # pickles by its model proto (e.g. into Grain worker processes)
-    return SentencePieceTokenizer, (self._proto,)
+    return functools.partial(SentencePieceTokenizer, kind=self.kind, path=self.path), (self._proto,)
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"
+
+
+# Special tokens looked up in a tokenizer.json that comes without a tokenizer_config.json naming them.
+_HF_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|startoftext|>", "<|im_start|>")
+_HF_EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]", "<|eot_id|>", "<|im_end|>")
+_HF_PAD = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+
+
+class HFTokenizer:
+  """A Hugging Face ``tokenizer.json`` (``hf:PATH``) through the ``tokenizers`` package.
+
+  Encodes without adding special tokens (the pipeline adds bos / eos itself). The special tokens are
+  those a ``tokenizer_config.json`` beside the file names (``bos_token`` / ``eos_token`` /
+  ``pad_token``), else the file's first added token among the usual names (``<s>``, ``</s>``,
+  ``<|endoftext|>``, ``<pad>``, ...). No eos is an error; no bos starts documents with eos (GPT-2's
+  convention) and no pad pads with eos (padding is masked). ``decode`` drops special tokens.
+
+  Example:
+    >>> tok = HFTokenizer(json_text)  # doctest: +SKIP
+    >>> tok.decode(tok.encode("hé")), tok.eos_id  # doctest: +SKIP
+    ('hé', 2)
+  """
+
+  kind = "hf"
+
+  def __init__(self, json_text: str, *, path: str | None = None, special: dict | None = None):
+    from tokenizers import Tokenizer as _HF
+
+    self._json = json_text
+    self.path = path  # the file it was read from (None: trained or built in memory)
+    self._special = dict(special or {})
+    where = path or "(in memory)"
+    try:
+      self._tok = _HF.from_str(json_text)
+    except Exception as err:  # noqa: BLE001 - the Rust side raises a plain Exception on bad JSON
+      raise DataError(f"tokenizer file {where!r} is not a Hugging Face tokenizer.json "
+                      f"({' '.join(str(err).split())[:120]})") from None
+
+    def find(role: str, names) -> int | None:
+      name = self._special.get(role)
+      if name is not None:
+        tid = self._tok.token_to_id(name)
+        if tid is None:
+          raise DataError(f"tokenizer file {where!r}: its tokenizer_config.json names {role}={name!r}, "
+                          "which is not in the vocabulary")
+        return int(tid)
+      for name in names:
+        tid = self._tok.token_to_id(name)
+        if tid is not None:
+          return int(tid)
+      return None
+
+    eos = find("eos_token", _HF_EOS)
+    if eos is None:
+      raise DataError(f"tokenizer file {where!r} has no eos token (looked for {list(_HF_EOS)}; name it as "
+                      "eos_token in a tokenizer_config.json beside it)")
+    bos, pad = find("bos_token", _HF_BOS), find("pad_token", _HF_PAD)
+    self._eos = eos
+    self._bos = eos if bos is None else bos
+    self._pad = eos if pad is None else pad
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self.encode(text), np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def save(self, path: str | os.PathLike) -> None:
+    _atomic_write(path, self._json.encode("utf-8"))
+
+  def __reduce__(self):  # pickles by its JSON (e.g. into Grain worker processes)
+    return functools.partial(HFTokenizer, path=self.path, special=self._special), (self._json,)
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_file(spec: str) -> Tokenizer:
+  """The tokenizer a ``data.tokenizer`` value ``"sentencepiece:PATH"`` or ``"hf:PATH"`` names.
+
+  ``sentencepiece:PATH`` reads a SentencePiece ``.model``; ``hf:PATH`` a ``tokenizer.json`` (or a
+  directory holding one), with a ``tokenizer_config.json`` beside it if present (see ``HFTokenizer``).
+  A missing file or one of the other kind raises a one-line ``DataError`` naming it.
+
+  Example:
+    >>> tokenizer_from_file("hf:/nowhere/tokenizer.json")
+    Traceback (most recent call last):
+    ...
+    memjax.data.errors.DataError: tokenizer='hf:/nowhere/tokenizer.json': cannot read '/nowhere/tokenizer.json': No such file or directory
+  """
+  kind, sep, path = str(spec).partition(":")
+  if not sep or kind not in TOKENIZER_FILE_KINDS or not path:
+    raise DataError(f"tokenizer={spec!r} must be 'byte', 'bpe', 'sentencepiece:PATH' or 'hf:PATH'")
+  path = os.path.expanduser(path)
+  if kind == "hf" and os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.json")
+  try:
+    with open(path, "rb") as f:
+      blob = f.read()
+  except OSError as err:
+    raise DataError(f"tokenizer={spec!r}: cannot read {path!r}: {err.strerror}") from None
+  if kind == "sentencepiece":
+    if blob.lstrip().startswith(b"{"):
+      raise DataError(f"tokenizer={spec!r}: {path!r} is JSON, not a SentencePiece model (for a tokenizer.json "
+                      f"use 'hf:{path}')")
+    try:
+      return SentencePieceTokenizer(blob, kind="sentencepiece", path=path)
+    except DataError:
+      raise
+    except Exception as err:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError on a bad proto
+      raise DataError(f"tokenizer={spec!r}: {path!r} is not a SentencePiece model ({type(err).__name__})") from None
+  try:
+    text = blob.decode("utf-8")
+    json.loads(text)
+  except ValueError:
+    raise DataError(f"tokenizer={spec!r}: {path!r} is not a tokenizer.json (not UTF-8 JSON; for a SentencePiece "
+                    f"model use 'sentencepiece:{path}')") from None
+  special = {}
+  config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    except (OSError, ValueError):
+      raise DataError(f"tokenizer={spec!r}: {config_path!r} is not valid JSON") from None
+    for role in ("bos_token", "eos_token", "pad_token"):
+      value = cfg.get(role) if isinstance(cfg, dict) else None
+      if isinstance(value, dict):  # {"content": "<s>", ...} in older files
+        value = value.get("content")
+      if isinstance(value, str):
+        special[role] = value
+  try:
+    return HFTokenizer(text, path=path, special=special)
+  except DataError as err:
+    raise DataError(f"tokenizer={spec!r}: {err}") from None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int = 20_000_000) -> SentencePieceTokenizer:
