@@ -1,10 +1,12 @@
 """memjax: scalable product-key memory layers for JAX and Flax NNX.
 
-The public API is re-exported here; see README.md for a tour. ``load_exported`` (which pulls in Orbax)
+The public API is re-exported here; see README.md for a tour. ``generate`` is
+``memjax.generation.generate`` (``python -m memjax.generate`` is its command line). ``load_exported`` (which pulls in Orbax)
 is imported on first use.
 """
 
-from memjax.config import MemoryConfig, VALUE_DTYPES
+from memjax.config import GenerateConfig, MemoryConfig, VALUE_DTYPES
+from memjax.generation import Generation, generate, generate_stream, generate_text
 from memjax.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_reference, embedding_bag_row_grads
 from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable, shared_memory_layers
 from memjax.memory.product_keys import product_key_topk, product_key_topk_reference
@@ -27,6 +29,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BACKENDS",
+    "GenerateConfig",
+    "Generation",
     "MemoryConfig",
     "MemoryOutput",
     "MemoryReadout",
@@ -38,6 +42,9 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_reference",
     "embedding_bag_row_grads",
+    "generate",
+    "generate_stream",
+    "generate_text",
     "load_exported",
     "memory_read",
     "memory_usage",
