@@ -27,7 +27,7 @@ _EXPORTS = {
                                "prepare_local_text"),
     "memjax.data.pipeline": ("BATCH_KEYS", "Pipeline", "batch_dataset", "document_chunks", "make_pipeline",
                              "prepare_data"),
-    "memjax.data.qa": ("QAItem", "answer_matches", "load_qa_items", "normalize_answer", "qa_exact_match",
+    "memjax.data.qa": ("QAItem", "answer_matches", "kv_cache_greedy", "load_qa_items", "normalize_answer", "qa_exact_match",
                        "read_qa_jsonl"),
     "memjax.data.tokenizers": ("ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer",
                                "train_bpe"),
