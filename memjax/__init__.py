@@ -19,6 +19,9 @@ _LAZY = {"load_exported": "memjax.train.checkpoint"}
 
 
 def __getattr__(name: str):
+  if name == "inspect":  # the submodule memjax.inspect (memory introspection), imported on first use
+    import importlib
+    return importlib.import_module("memjax.inspect")
   if name in _LAZY:
     import importlib
     value = getattr(importlib.import_module(_LAZY[name]), name)

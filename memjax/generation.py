@@ -73,25 +73,29 @@ def sample_token(logits_BxV, key, temperature, top_k, top_p):
     1
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
-  v = logits_BxV.shape[-1]
-  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
-  scaled = logits_BxV / jnp.where(temperature > 0, temperature, 1.0)
+  if jnp.ndim(jax.random.key_data(key)) == 1:  # one key: split per row
+    key = jax.random.split(key, logits_BxV.shape[0])
+  greedy = lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  # Only the branch taken runs: greedy decoding does not pay for the sort over the vocabulary.
+  return jax.lax.cond(temperature > 0, lambda: _sample(logits_BxV, key, temperature, top_k, top_p), greedy)
+
+
+def _sample(logits_BxV, key_B, temperature, top_k, top_p):
+  v = logits_BxV.shape[-1]
+  scaled = logits_BxV / temperature
   desc_BxV = -jnp.sort(-scaled, axis=-1)
   top_k = jnp.asarray(top_k, jnp.int32)
-  kth_B = jnp.take_along_axis(desc_BxV, jnp.clip(jnp.where(top_k > 0, top_k, v) - 1, 0, v - 1)
-                              * jnp.ones((desc_BxV.shape[0], 1), jnp.int32), axis=-1)  # [B, 1]
-  desc_BxV = jnp.where(desc_BxV >= kth_B, desc_BxV, -jnp.inf)
+  kth_Bx1 = jnp.take_along_axis(desc_BxV, jnp.clip(jnp.where(top_k > 0, top_k, v) - 1, 0, v - 1)
+                                * jnp.ones((desc_BxV.shape[0], 1), jnp.int32), axis=-1)
+  desc_BxV = jnp.where(desc_BxV >= kth_Bx1, desc_BxV, -jnp.inf)
   probs_BxV = jax.nn.softmax(desc_BxV, axis=-1)
   before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the strictly larger tokens
   in_nucleus = (before_BxV < jnp.asarray(top_p, jnp.float32)) & jnp.isfinite(desc_BxV)
   in_nucleus = in_nucleus.at[:, 0].set(True)
-  floor_B = jnp.min(jnp.where(in_nucleus, desc_BxV, jnp.inf), axis=-1, keepdims=True)
-  cut = jnp.where(scaled >= jnp.maximum(floor_B, kth_B), scaled, -jnp.inf)
-  if jnp.ndim(jax.random.key_data(key)) == 1:  # one key: split per row
-    key = jax.random.split(key, logits_BxV.shape[0])
-  sampled_B = jax.vmap(jax.random.categorical)(key, cut).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled_B, greedy_B)
+  floor_Bx1 = jnp.min(jnp.where(in_nucleus, desc_BxV, jnp.inf), axis=-1, keepdims=True)
+  cut = jnp.where(scaled >= jnp.maximum(floor_Bx1, kth_Bx1), scaled, -jnp.inf)
+  return jax.vmap(jax.random.categorical)(key_B, cut).astype(jnp.int32)
 
 
 def _row_keys(seed_key, step, batch: int):

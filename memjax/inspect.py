@@ -205,13 +205,13 @@ def top_contexts(model, tokenizer, corpus: str | os.PathLike | Iterable[str], la
     for r, (d, start, ids) in enumerate(chunk):
       for t in np.flatnonzero(weight_BxT[r, :len(ids)] > 0):
         seq += 1
-        item = (float(weight_BxT[r, t]), seq, d, start + int(t))
+        item = (float(weight_BxT[r, t]), -seq, d, start + int(t))  # ties: the earliest position wins
         if len(heap) < top:
           heapq.heappush(heap, item)
         else:
           heapq.heappushpop(heap, item)
   out = []
-  for weight, _, d, pos in sorted(heap, key=lambda x: (-x[0], x[1])):
+  for weight, _, d, pos in sorted(heap, key=lambda x: (-x[0], -x[1])):
     ids = [tokenizer.bos_id] + tokenizer.encode(docs[d])
     out.append({"weight": weight, "doc": d, "position": pos,
                 "context": tokenizer.decode(ids[max(0, pos - span + 1):pos + 1]),
@@ -286,12 +286,12 @@ def answer_reads(model, tokenizer, prompt: str, answer: str) -> list[SlotRead]:
   return [SlotRead(b, s, x) for (b, s), x in sorted(total.items(), key=lambda kv: -kv[1])]
 
 
-def attribute_answer(model, tokenizer, prompt: str, answer: str, *, top: int = 32) -> dict:
+def attribute_answer(model, tokenizer, prompt: str, answer: str, *, top: int | None = 32) -> dict:
   """Attribution of an answer to memory slots (step 3 of the module doc).
 
   Returns ``{"logprob": the answer's log-probability, "correct": greedy would give the answer,
   "reads": every (layer, slot) read at the answer positions (``answer_reads``), "slots": the ``top``
-  heaviest of them as dicts {layer, slot, weight, drop, correct_without}, sorted by ``drop`` (log-prob
+  heaviest of them (None: all) as dicts {layer, slot, weight, drop, correct_without}, sorted by ``drop`` (log-prob
   lost when that slot alone is removed), largest first}``.
 
   Example:
