@@ -102,10 +102,18 @@ class Attention(nnx.Module):
     before its own position. Returns ``(out [B, T, C], new cache)``."""
     cache_k, cache_v = cache
     q, k, v = self.qkv(x_BxTxC, positions_BxT)
-    rows_Bx1 = jnp.arange(x_BxTxC.shape[0])[:, None]
-    cache_k = cache_k.at[rows_Bx1, positions_BxT].set(k.astype(cache_k.dtype))
-    cache_v = cache_v.at[rows_Bx1, positions_BxT].set(v.astype(cache_v.dtype))
     slots_S = jnp.arange(cache_k.shape[1], dtype=positions_BxT.dtype)
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    rows_Bx1 = jnp.arange(x_BxTxC.shape[0])[:, None]
+    scatter = lambda: (cache_k.at[rows_Bx1, positions_BxT].set(k), cache_v.at[rows_Bx1, positions_BxT].set(v))
+    if x_BxTxC.shape[1] == 1:
+      # A decode step. The TPU compiler copies the cache for this scatter (temporaries ~1.6x the cache,
+      # seen compiling for v5p) but updates an elementwise select in place; on CPU the scatter is faster.
+      write_BxSx1x1 = (slots_S[None, :] == positions_BxT)[:, :, None, None]
+      select = lambda: (jnp.where(write_BxSx1x1, k, cache_k), jnp.where(write_BxSx1x1, v, cache_v))
+      cache_k, cache_v = jax.lax.platform_dependent(default=scatter, tpu=select)
+    else:
+      cache_k, cache_v = scatter()
     mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
     dt = x_BxTxC.dtype
     return self.attend(q, cache_k.astype(dt), cache_v.astype(dt), mask_Bx1xTxS), (cache_k, cache_v)
