@@ -274,13 +274,13 @@ class _nullcontext:
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, window: int, pad_id: int | None = None):
   """``([bos] + encode(p))`` for each prompt, left-aligned: ``(tokens [B, T] int32, lengths [B])`` with T
-  the longest prompt. Raises ``DataError`` for a prompt longer than ``window`` (the model's window).
+  the longest prompt rounded up to a multiple of 8 (at most ``window``). Raises ``DataError`` for a prompt longer than ``window`` (the model's window).
 
   Example:
     >>> from memjax.data.tokenizers import ByteTokenizer
     >>> tokens, lengths = encode_prompts(ByteTokenizer(), ["ab", "c"], window=8)
     >>> tokens.shape, lengths.tolist()
-    ((2, 3), [3, 2])
+    ((2, 8), [3, 2])
   """
   from memjax.data.errors import DataError
   if not prompts:
@@ -290,7 +290,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, window: int, pad_id: in
     if len(row) > window:
       raise DataError(f"prompt {i} is {len(row)} tokens (with bos), longer than the model's window of "
                       f"{window} (train.seq_len)")
-  t = max(len(r) for r in ids)
+  t = min(window, -(-max(len(r) for r in ids) // 8) * 8)  # rounded up to 8: fewer shapes to compile
   tokens = np.full((len(ids), t), tokenizer.pad_id if pad_id is None else pad_id, np.int32)
   for i, row in enumerate(ids):
     tokens[i, :len(row)] = row
