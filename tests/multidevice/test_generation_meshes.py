@@ -34,10 +34,20 @@ def prompts():
   return tokens
 
 
+@pytest.fixture(scope="module")
+def one_device(prompts):
+  """The 1-device reference (one model for both modes: on one device the value sharding changes nothing)."""
+  one = LM(_config("column").model, rngs=nnx.Rngs(0))
+  return one, [generate(one, prompts, LENGTHS, max_new_tokens=6, **kw) for kw in SETTINGS]
+
+
+SETTINGS = (dict(), dict(temperature=1.5, top_k=20, seed=4))
+
+
 @pytest.mark.parametrize("mode", ["column", "row"])
-def test_generation_on_a_mesh_equals_one_device(mode, prompts, tmp_path):
+def test_generation_on_a_mesh_equals_one_device(mode, prompts, one_device, tmp_path):
   cfg = _config(mode)
-  one = LM(cfg.model, rngs=nnx.Rngs(0))
+  one, refs = one_device
   _, params, values = split_model(one)
   export_params(str(tmp_path / "export"), params, values, config_to_dict(cfg))
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, memory=4))
@@ -45,8 +55,7 @@ def test_generation_on_a_mesh_equals_one_device(mode, prompts, tmp_path):
   table = model.pool.values[...]
   want_shard = (256, 8) if mode == "column" else (64, 32)
   assert table.sharding.shard_shape(table.shape) == want_shard and len(table.sharding.device_set) == 8
-  for kw in (dict(), dict(temperature=1.5, top_k=20, seed=4)):
-    ref = generate(one, prompts, LENGTHS, max_new_tokens=6, **kw)
+  for kw, ref in zip(SETTINGS, refs):
     got = generate(model, prompts, LENGTHS, max_new_tokens=6, mesh=mesh, **kw)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens), err_msg=f"{mode} {kw}")
   # The read really ran under shard_map on the mesh: its jaxpr has the shard_map.
