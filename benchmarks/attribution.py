@@ -8,7 +8,7 @@ ranked by the drop in the answer's log-probability when it alone is removed from
 the top ``m`` of them are removed together, and, as the control, ``--random_draws`` random sets of ``m``
 slots drawn from the same slots read at the answer; the answer *flips* when greedy decoding no longer
 gives it. ``m`` is 1% of the distinct slots read at the answer (at least 1), and also fixed sizes
-(``--sizes``). Prints flip rates (top-attributed vs random) and writes ``benchmarks/results/attribution.json``.
+(``--sizes``); and, for scale, every slot read at the answer (the memory's whole read there). Prints flip rates (top-attributed vs random) and writes ``benchmarks/results/attribution.json``.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def main(argv=None):
                                 "top_logprob_drop": att["logprob"] - scored[0]["logprob"],
                                 "random_flip_rate": float(np.mean([not s["correct"] for s in scored[1:]])),
                                 "random_logprob_drop": float(np.mean([att["logprob"] - s["logprob"] for s in scored[1:]]))}
+    everything = mi.answer_with_slots_removed(model, tok, item.prompt, item.answer, [reads])[0]
+    row["all_removed"] = {"flipped": not everything["correct"], "logprob_drop": att["logprob"] - everything["logprob"]}
     facts.append(row)
     print(f"{len(facts):>3}/{args.facts} {item.prompt!r} -> {item.answer!r}: {len(reads)} slots read, "
           f"1% = {one_pct}: top flips {row['by_size'][str(one_pct)]['top_flipped']}, "
@@ -75,6 +77,8 @@ def main(argv=None):
       "slots_read_mean": float(np.mean([f["slots_read"] for f in facts])),
       "top_flip_rate": float(np.mean([f["by_size"][str(f["one_percent"])]["top_flipped"] for f in facts])),
       "random_flip_rate": float(np.mean([f["by_size"][str(f["one_percent"])]["random_flip_rate"] for f in facts]))}}
+  summary["all"] = {"flip_rate": float(np.mean([f["all_removed"]["flipped"] for f in facts])),
+                    "logprob_drop": float(np.mean([f["all_removed"]["logprob_drop"] for f in facts]))}
   for m in sizes:
     summary[str(m)] = {"top_flip_rate": float(np.mean([f["by_size"][str(m)]["top_flipped"] for f in facts])),
                        "random_flip_rate": float(np.mean([f["by_size"][str(m)]["random_flip_rate"] for f in facts])),
@@ -88,6 +92,7 @@ def main(argv=None):
     s = summary[str(m)]
     label = f"{m} ({s['fraction_of_slots_read']:.1%})"
     print(f"{label:>18} {s['top_flip_rate']:>21.2f} {s['random_flip_rate']:>13.2f}")
+  print(f"{'all slots read':>18} {summary['all']['flip_rate']:>21.2f} {'-':>13}  (the memory's whole read at the answer)")
   meta = {"command": "python benchmarks/attribution.py " + " ".join(argv if argv is not None else sys.argv[1:]),
           "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}", "jax": jax.__version__,
           "workdir_step": step, "facts_tried": tried, "seconds": time.time() - t0}
