@@ -156,3 +156,11 @@ def test_bad_generation_inputs_are_one_line_errors():
   lm = LM(KINDS["dense"], rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"lengths must be in \[1, T=3\]"):
     generate(lm, jnp.ones((2, 3), jnp.int32), jnp.array([0, 3]))
+
+
+def test_memjax_generate_is_the_function_even_after_importing_the_command_module(prompts):
+  import memjax
+  import memjax.generate  # binds the package attribute to the command's module
+  lm = LM(KINDS["dense"], rngs=nnx.Rngs(0))
+  want = np.asarray(generate(lm, prompts, LENGTHS, max_new_tokens=N).tokens)
+  np.testing.assert_array_equal(np.asarray(memjax.generate(lm, prompts, LENGTHS, max_new_tokens=N).tokens), want)
