@@ -1,10 +1,12 @@
 """memjax: scalable product-key memory layers for JAX and Flax NNX.
 
-The public API is re-exported here; see README.md for a tour. ``load_exported`` (which pulls in Orbax)
+The public API is re-exported here; see README.md for a tour. ``generate`` is
+``memjax.generation.generate`` (``python -m memjax.generate`` is its command line). ``load_exported`` (which pulls in Orbax)
 is imported on first use.
 """
 
-from memjax.config import MemoryConfig, VALUE_DTYPES
+from memjax.config import GenerateConfig, MemoryConfig, VALUE_DTYPES
+from memjax.generation import Generation, generate, generate_stream, generate_text
 from memjax.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_reference, embedding_bag_row_grads
 from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable, shared_memory_layers
 from memjax.memory.product_keys import product_key_topk, product_key_topk_reference
@@ -17,6 +19,9 @@ _LAZY = {"load_exported": "memjax.train.checkpoint"}
 
 
 def __getattr__(name: str):
+  if name == "inspect":  # the submodule memjax.inspect (memory introspection), imported on first use
+    import importlib
+    return importlib.import_module("memjax.inspect")
   if name in _LAZY:
     import importlib
     value = getattr(importlib.import_module(_LAZY[name]), name)
@@ -27,6 +32,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BACKENDS",
+    "GenerateConfig",
+    "Generation",
     "MemoryConfig",
     "MemoryOutput",
     "MemoryReadout",
@@ -38,6 +45,9 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_reference",
     "embedding_bag_row_grads",
+    "generate",
+    "generate_stream",
+    "generate_text",
     "load_exported",
     "memory_read",
     "memory_usage",

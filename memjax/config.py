@@ -758,6 +758,39 @@ class EvalConfig(_Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig(_Checked):
+  """How ``memjax.generation.generate_text`` and ``python -m memjax.generate`` continue a prompt (not
+  part of a run's ``Config``: a choice made at inference time).
+
+  max_new_tokens: N new tokens at most; temperature: 0 = greedy, else the sampling temperature;
+  top_k: sample among the k most likely tokens (0 = all); top_p: among the fewest tokens whose
+  probability reaches p (1 = all); seed: the sampling key; stop: strings that end a row's text (cut
+  before them), besides the tokenizer's eos.
+
+  Example:
+    >>> GenerateConfig(temperature=-1.0)
+    Traceback (most recent call last):
+    ...
+    memjax.config.ConfigError: GenerateConfig.temperature=-1.0 must be a finite float >= 0
+  """
+
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    self._ints("max_new_tokens")
+    self._ints("top_k", "seed", low=0)
+    self._floats("temperature")
+    self._floats("top_p", strict=True, high=1.0)
+    if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
+      self._fail("stop", "must be a tuple of non-empty strings")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs: ``config.{model, train, mesh, data, eval}``.
 

@@ -94,9 +94,11 @@ class MoE(nnx.Module):
     self.w_up = normal_param(rngs, (e, dim, f), dim**-0.5, EXPERTS, EMBED, MLP)
     self.w_down = normal_param(rngs, (e, f, dim), f**-0.5 / (2 * num_layers) ** 0.5, EXPERTS, MLP, EMBED)
 
-  def __call__(self, x):
+  def __call__(self, x, *, dropless: bool = False):
+    """``dropless``: capacity = the number of tokens (E / K as capacity factor), so no token is dropped
+    and a token's output does not depend on the other tokens of the call (generation uses it)."""
     lead, c = x.shape[:-1], x.shape[-1]
+    factor = self.cfg.num_experts / self.cfg.top_k if dropless else self.cfg.capacity_factor
     out, loss, _ = moe_forward(x.reshape(-1, c), self.router[...], self.w_gate[...], self.w_up[...],
-                               self.w_down[...], top_k=self.cfg.top_k,
-                               capacity_factor=self.cfg.capacity_factor)
+                               self.w_down[...], top_k=self.cfg.top_k, capacity_factor=factor)
     return out.reshape(*lead, c), self.cfg.aux_loss_weight * loss

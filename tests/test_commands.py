@@ -12,13 +12,15 @@ from helpers import REPO, one_error_line, subprocess_env
 SCRIPTS = [["benchmarks/data_pipeline.py"], ["benchmarks/embedding_bag.py"], ["benchmarks/kill_soak.py"],
            ["benchmarks/knowledge.py"], ["benchmarks/scaling.py"], ["benchmarks/step_time.py"], ["benchmarks/topk.py"], ["benchmarks/row_grads.py"],
            ["benchmarks/plan_check.py", "--config=configs/tiny.py"], ["-m", "memjax.plan", "--config=configs/tiny.py"],
-           ["-m", "memjax.demo"]]
+           ["-m", "memjax.demo"], ["benchmarks/decode.py"], ["benchmarks/attribution.py"], ["benchmarks/decode_compile.py"],
+           ["-m", "memjax.generate", "--export=x"]]
 VALUES = {"benchmarks/data_pipeline.py": ["--repeats=many"], "benchmarks/embedding_bag.py": ["--rounds=many"],
           "benchmarks/kill_soak.py": ["--kills=many"], "benchmarks/knowledge.py": ["--steps=many"],
           "benchmarks/scaling.py": ["--steps=many"], "benchmarks/step_time.py": ["--repeats=many"],
           "benchmarks/plan_check.py": ["--devices=many"], "benchmarks/topk.py": ["--rounds=many"],
           "benchmarks/row_grads.py": ["--rounds=many"], "memjax.plan": ["--mesh", "data=x"],
-          "memjax.demo": ["--n_keys=many"]}
+          "memjax.demo": ["--n_keys=many"], "benchmarks/decode.py": ["--steps=many"],
+          "benchmarks/attribution.py": ["--facts=many"], "benchmarks/decode_compile.py": ["--n_keys=many"], "memjax.generate": ["--max_new_tokens=many"]}
 
 
 def _run(args):

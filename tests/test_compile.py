@@ -86,3 +86,31 @@ def test_remat_keeps_less_on_the_tpu_compiler():
   assert out.returncode == 0, out.stderr[-4000:]
   temp = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
   assert temp["full"] < 0.7 * temp["none"] and temp["matmuls"] < 0.85 * temp["none"], temp
+
+
+DECODE_SCRIPT = """
+import json
+from memjax.scale.compile import compile_step
+from memjax.scale.plan import load_config
+rows = []
+for vs in ("column", "row"):
+  cfg = load_config({config!r}, [("model.memory.value_sharding", vs), ("model.vocab_size", "1024"),
+                                 ("train.batch_size", "8"), ("train.seq_len", "4096")])
+  rows.append(compile_step(cfg, "v5p-8", dict(data=2, fsdp=1, memory=2), step="decode"))
+print("RESULT" + json.dumps(rows))
+"""
+
+
+def test_decode_step_compiles_for_tpu_with_the_cache_updated_in_place():
+  python = _aot_python("tpu")
+  code = DECODE_SCRIPT.format(config=os.path.join(CONFIGS, "default.py"))
+  out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  assert out.returncode == 0, out.stderr[-4000:]
+  rows = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+  cache_bytes = 4 * 2 * 8 * 4096 * 4 * 32 * 4 // 2  # blocks x (k, v) x [B, S, N, Dh] fp32, batch over data=2
+  for r in rows:
+    assert r["step"] == "decode" and r["fits"], r
+    assert r["bytes_per_device"]["alias"] >= cache_bytes, r  # the donated cache is the output cache
+    assert r["bytes_per_device"]["temp"] < cache_bytes / 2, r  # no copy of the cache per step (a scatter: ~1.6x)
+  assert rows[1]["collectives"], rows[1]  # row mode sums the partial reads over memory

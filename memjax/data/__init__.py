@@ -31,7 +31,7 @@ _EXPORTS = {
                              "make_pipeline", "pack_batches", "prepare_data"),
     "memjax.data.sources": ("SOURCE_KINDS", "SourceSpec", "open_source", "parse_mixture", "parse_source",
                             "shard_files"),
-    "memjax.data.qa": ("QAItem", "answer_matches", "load_qa_items", "normalize_answer", "qa_exact_match",
+    "memjax.data.qa": ("QAItem", "answer_matches", "kv_cache_greedy", "load_qa_items", "normalize_answer", "qa_exact_match",
                        "read_qa_jsonl"),
     "memjax.data.tokenizers": ("ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer",
                                "load_tokenizer", "tokenizer_from_file", "train_bpe"),

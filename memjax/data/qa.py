@@ -116,6 +116,7 @@ def qa_exact_match(
     max_answer_tokens: int | None = None,
     seq_len: int = 128,
     return_predictions: bool = False,
+    greedy_fn: Callable[[np.ndarray, np.ndarray, int], Any] | None = None,
 ) -> dict[str, Any]:
   """Greedy-decodes an answer after each prompt and scores exact match (see the module doc).
 
@@ -129,6 +130,11 @@ def qa_exact_match(
     seq_len: the largest window ``T`` (prompts are cut to fit it; the window used is
       ``decode_window``'s, the same for every call).
     return_predictions: also return ``"predictions"``, one dict per item.
+    greedy_fn: decode with a KV cache instead of re-running the window: ``(tokens [B, T] int32, lengths
+      [B], steps) -> (new tokens [B, steps], counts [B])``, greedy and stopping at ``tokenizer.eos_id``
+      (``kv_cache_greedy(model)`` builds one). ``T`` is the longest prompt rounded up to 8; rows are
+      cut at the first newline as in step 2, so the predictions are the window re-run's. ``logits_fn``
+      may then be None.
 
   Returns:
     ``{"qa_exact_match": float, "n": int, "prompts_truncated": int}``, plus
@@ -160,8 +166,14 @@ def qa_exact_match(
   window = decode_window(prompts, max_answer_tokens, seq_len)
   continuations: list[str] = []
   for start in range(0, len(items), batch_size):
-    continuations.extend(_greedy_batch(logits_fn, prompts[start:start + batch_size], tokenizer,
-                                       batch_size=batch_size, seq_len=window, steps=max_answer_tokens))
+    chunk = prompts[start:start + batch_size]
+    if greedy_fn is not None:
+      continuations.extend(_cached_batch(greedy_fn, chunk, tokenizer, batch_size=batch_size,
+                                         width=min(window, -(-max(len(p) for p in prompts) // 8) * 8),
+                                         steps=max_answer_tokens))
+    else:
+      continuations.extend(_greedy_batch(logits_fn, chunk, tokenizer, batch_size=batch_size, seq_len=window,
+                                         steps=max_answer_tokens))
 
   correct = [answer_matches(c, it.answer) for c, it in zip(continuations, items)]
   result: dict[str, Any] = {"qa_exact_match": float(np.mean(correct)), "n": len(items),
@@ -194,6 +206,44 @@ def decode_window(prompts: Sequence[Sequence[int]], max_answer_tokens: int, seq_
   """
   need = max(len(p) for p in prompts) + max_answer_tokens
   return min(seq_len, -(-need // 8) * 8)
+
+
+def _cached_batch(greedy_fn, prompts: list[list[int]], tokenizer: Tokenizer, *, batch_size: int, width: int,
+                  steps: int) -> list[str]:
+  """``_greedy_batch`` through ``greedy_fn`` (one call: prefill and every step with a KV cache)."""
+  n = len(prompts)
+  tokens_BxT = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+  length_B = np.ones(batch_size, np.int32)
+  tokens_BxT[n:, 0] = tokenizer.bos_id  # dummy rows
+  for b, ids in enumerate(prompts):
+    tokens_BxT[b, :len(ids)] = ids
+    length_B[b] = len(ids)
+  new_BxN, count_B = greedy_fn(tokens_BxT, length_B, steps)
+  new_BxN, count_B = np.asarray(new_BxN), np.asarray(count_B)
+  out = []
+  for b in range(n):
+    ids: list[int] = []
+    for tok in new_BxN[b, :count_B[b]].tolist():  # counts stop before eos
+      ids.append(tok)
+      if "\n" in tokenizer.decode(ids):
+        break
+    out.append(tokenizer.decode(ids))
+  return out
+
+
+def kv_cache_greedy(model, *, eos_id: int, pad_id: int = 0, mesh=None):
+  """``greedy_fn`` for ``qa_exact_match`` from an ``LM``: ``memjax.generation.generate``, greedy.
+
+  Example:
+    >>> fn = kv_cache_greedy(model, eos_id=tok.eos_id)        # doctest: +SKIP
+    >>> qa_exact_match(None, items, tok, greedy_fn=fn)        # doctest: +SKIP
+  """
+  from memjax.generation import generate
+
+  def greedy_fn(tokens_BxT, lengths_B, steps):
+    out = generate(model, tokens_BxT, lengths_B, max_new_tokens=steps, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
+    return out.tokens, out.lengths
+  return greedy_fn
 
 
 def _greedy_batch(logits_fn, prompts: list[list[int]], tokenizer: Tokenizer, *, batch_size: int,

@@ -141,13 +141,14 @@ class ProductKeyMemory(nnx.Module):
       q, keys = qk_normalize(q, keys, self.query_gain[...], self.key_gain[...])
     return q, keys
 
-  def read(self, x, *, value_tap=None) -> MemoryOutput:
+  def read(self, x, *, value_tap=None, read_mask=None) -> MemoryOutput:
     """The full forward pass with the lookup: ``MemoryOutput(out [..., C], indices, weights)``.
 
     ``value_tap`` (for row-sparse value updates): a zero array [..., Dv] added to the read ``y``.
     When given, the table is read under ``stop_gradient`` (it gets no dense gradient) and the
     gradient with respect to the tap is the cotangent of ``y``; ``embedding_bag_row_grads``
     turns it, with the returned indices and weights, into the table's gradient rows.
+    ``read_mask``: ``(indices [..., H, k]) -> multiplier`` on the read's weights (``memory_read``).
     """
     if x.shape[-1] != self.dim:
       raise ValueError(f"x.shape={x.shape}: last dim must be the layer's dim={self.dim}")
@@ -156,7 +157,7 @@ class ProductKeyMemory(nnx.Module):
     if value_tap is not None:
       table = jax.lax.stop_gradient(table)
     r = sharded_memory_read(q, keys, table, k=self.config.k, backend=self.backend, topk=self.config.topk,
-                            value_sharding=self.value_sharding)
+                            value_sharding=self.value_sharding, read_mask=read_mask)
     y = r.out  # [..., Dv]
     if value_tap is not None:
       y = y + value_tap.astype(y.dtype)

@@ -41,7 +41,8 @@ def qk_normalize(query_xHxK, keys_Hx2xNxK2, query_gain_HxK=None, key_gain_Hx2xK2
   return q.reshape(query_xHxK.shape), keys
 
 
-def memory_read(query, keys, values, *, k: int, backend: str = "auto", topk: str = "auto") -> MemoryReadout:
+def memory_read(query, keys, values, *, k: int, backend: str = "auto", topk: str = "auto",
+                read_mask=None) -> MemoryReadout:
   """Reads a product-key memory: exact top-k per head, softmax per head, one bag over all heads.
 
   Args:
@@ -51,6 +52,9 @@ def memory_read(query, keys, values, *, k: int, backend: str = "auto", topk: str
     k: slots per head.
     backend: ``embedding_bag`` backend.
     topk: the selection's backend (``product_key_topk``): "auto", "xla", "cpu" or "approx".
+    read_mask: optional ``(indices [..., H, k]) -> multiplier [..., H, k]`` applied to the softmax
+      weights before the bag (0 removes a slot from the read; the others are not renormalised).
+      ``memjax.inspect`` uses it for attribution. The returned weights are the unmasked ones.
 
   Returns:
     ``MemoryReadout(out [..., Dv], indices [..., H, k], weights [..., H, k])`` with
@@ -71,7 +75,8 @@ def memory_read(query, keys, values, *, k: int, backend: str = "auto", topk: str
   weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # [..., H, k]
   lead, heads = indices.shape[:-2], indices.shape[-2]
   idx_flat = indices.reshape(*lead, heads * k)  # [..., H*k]
-  w_flat = weights.reshape(*lead, heads * k)
+  read_weights = weights if read_mask is None else weights * read_mask(indices).astype(weights.dtype)
+  w_flat = read_weights.reshape(*lead, heads * k)
   out = embedding_bag(values, idx_flat, w_flat, backend=backend)  # [..., Dv]
   return MemoryReadout(out, indices, weights)
 
@@ -83,7 +88,7 @@ def _varying(x, axes):
 
 
 def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
-                        value_sharding: str = "column", topk: str = "auto") -> MemoryReadout:
+                        value_sharding: str = "column", topk: str = "auto", read_mask=None) -> MemoryReadout:
   """``memory_read`` split explicitly over the mesh set by ``jax.set_mesh`` (plain read without one).
 
   Kernels (FFI, Pallas) are opaque to GSPMD, which would replicate their operands: gather the whole
@@ -100,7 +105,9 @@ def sharded_memory_read(query, keys, values, *, k: int, backend: str = "auto",
   lead = query.shape[:-2]
   specs = sharding.memory_read_specs(value_sharding, lead[0] if lead else 1, values.shape) if lead else None
   if specs is None:
-    return memory_read(query, keys, values, k=k, backend=backend, topk=topk)
+    return memory_read(query, keys, values, k=k, backend=backend, topk=topk, read_mask=read_mask)
+  if read_mask is not None:
+    raise ValueError("read_mask is for single-device reads (no mesh set with jax.set_mesh)")
   batch, table_spec, out_last, psum_axis = specs.batch, specs.table, specs.out_last, specs.psum_axis
   P = jax.sharding.PartitionSpec
   rest = (None,) * (len(lead) - 1)

@@ -17,7 +17,10 @@ from the main venv, the command re-runs itself in the venv ``.ci/aot_env.sh`` ke
 first time) when this Python lacks the compiler.
 
 Steps: ``train`` (the train step as ``train.py`` jits it: dense or sparse value update, column or row
-value sharding, from the config), ``eval`` (the evaluation forward).
+value sharding, from the config), ``eval`` (the evaluation forward), ``decode`` (one generation step,
+``memjax.generation.decode_step``: ``train.batch_size`` rows, one new token each, through a KV cache of
+``train.seq_len`` positions; the cache is donated, the batch split over ``data`` x ``fsdp`` where it
+divides, the value table sharded as in training).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 
 from memjax.scale.targets import TARGETS, Target, devices, get
 
-STEPS = ("train", "eval")
+STEPS = ("train", "eval", "decode")
 
 
 def _gpu_compiler_options(target: Target) -> dict:
@@ -58,6 +61,8 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
     raise ValueError(f"--mesh {mesh_sizes} has {math.prod(mesh_sizes.values())} devices; target {target.name} "
                      f"has {target.chips}")
   tc = cfg.train
+  if step == "decode":
+    return _compile_decode(cfg, target, mesh_sizes)
   batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
   if tc.batch_size % batch_shards:
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
@@ -98,9 +103,63 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
   return report
 
 
+def _compile_decode(cfg, target: Target, mesh_sizes: dict) -> dict:
+  """``compile_step`` for ``step="decode"``."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from memjax import sharding
+  from memjax.config import COMPUTE_DTYPES
+  from memjax.generation import decode_step
+  from memjax.model import LM
+  from memjax.train.step import with_shardings
+
+  m, b, s = cfg.model, cfg.train.batch_size, cfg.train.seq_len
+  mesh = sharding.make_mesh(mesh_sizes, devices(target))
+  rules = sharding.axis_rules(m.memory.value_sharding)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LM(m, rngs=nnx.Rngs(0))))
+  state_sh = sharding.state_shardings(state, mesh, rules)
+  row_sh = NamedSharding(mesh, sharding.spec_for((b,), (sharding.BATCH,), rules, mesh))
+  cache_sh = NamedSharding(mesh, sharding.spec_for((b, s, m.num_heads, m.head_dim),
+                                                   (sharding.BATCH, None, None, None), rules, mesh))
+  kv = jax.ShapeDtypeStruct((b, s, m.num_heads, m.head_dim), COMPUTE_DTYPES[m.dtype], sharding=cache_sh)
+  cache = tuple((kv, kv) for _ in range(m.num_layers))
+  rows = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=row_sh)
+  fn = jax.jit(lambda st, tok, pos, c: decode_step(nnx.merge(graphdef, st), tok, pos, c), donate_argnums=3,
+               out_shardings=(NamedSharding(mesh, jax.sharding.PartitionSpec()), cache_sh))
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    compiled = fn.trace(with_shardings(state, state_sh), rows, rows, cache).lower().compile(
+        _gpu_compiler_options(target) or None)
+  seconds = time.time() - t0
+  mem = compiled.memory_analysis()
+  mem = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+         "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes}
+  total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  cost = dict(cost) if cost else {}
+  from memjax.scale import comms
+  return {"target": target.name, "platform": target.platform, "topology": target.topology, "chips": target.chips,
+          "step": "decode", "mesh": mesh_sizes, "batch_size": b, "cache_len": s, "slots": m.memory.layer.num_slots,
+          "value_sharding": m.memory.value_sharding, "dtype": m.dtype, "compile_seconds": round(seconds, 1),
+          "bytes_per_device": mem, "total_bytes_per_device": total, "hbm_bytes": target.hbm_bytes,
+          "fits": total <= target.hbm_bytes, "compiler_flops": cost.get("flops"),
+          "compiler_bytes_accessed": cost.get("bytes accessed"),
+          "compiler_seconds_estimate": cost.get("optimal_seconds"),
+          "collectives": comms.summarize(comms.collectives(compiled))}
+
+
 def format_report(r: dict) -> str:
   gib = lambda b: f"{b / 2**30:.2f} GiB"
   mem = r["bytes_per_device"]
+  if r["step"] == "decode":
+    return (f"decode step of {r['batch_size']} rows, cache {r['cache_len']}, {r['slots']:,} slots on {r['target']} "
+            f"(mesh {r['mesh']}, values {r['value_sharding']}): compiled in {r['compile_seconds']} s\n"
+            f"  per device: arguments {gib(mem['argument'])}, temporaries {gib(mem['temp'])}; total "
+            f"{gib(r['total_bytes_per_device'])} of {gib(r['hbm_bytes'])} HBM: " + ("fits" if r["fits"] else "DOES NOT FIT"))
   lines = [f"{r['step']} step of {r['batch_size']} x {r['seq_len']} tokens on {r['target']} ({r['chips']} chips, "
            f"mesh {r['mesh']}, values {r['value_update']} / {r['value_sharding']}): compiled in {r['compile_seconds']} s",
            f"  per device: arguments {gib(mem['argument'])}, outputs {gib(mem['output'])} (aliased {gib(mem['alias'])}), "
@@ -118,7 +177,10 @@ def format_report(r: dict) -> str:
 
 def _has_compiler(platform: str) -> bool:
   import importlib.util
-  return importlib.util.find_spec("libtpu" if platform == "tpu" else "jax_plugins.xla_cuda12") is not None
+  try:
+    return importlib.util.find_spec("libtpu" if platform == "tpu" else "jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
 
 
 def _aot_python(platform: str) -> str | None:

@@ -3,7 +3,8 @@
 ``evaluate(cfg, steps, state, pipe)`` returns the flat metrics the loop logs (the README's metrics
 contract): ``val_loss``; the memory usage statistics of the validation lookups (``used``, ``kl``,
 ``gini``, ``top50/90/99``, prefixed by the pool when a model has several); and, when QA items are
-configured, ``qa_exact_match``, ``qa_n``, ``qa_chance`` and ``qa_exact_match/<attribute>``.
+configured, ``qa_exact_match``, ``qa_n``, ``qa_chance`` and ``qa_exact_match/<attribute>`` (decoded
+with the KV cache, ``memjax.generation``, in a single-process run; by re-running the window otherwise).
 """
 
 from __future__ import annotations
@@ -79,9 +80,16 @@ def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
     from memjax.data.qa import qa_exact_match
     items = items[:cfg.eval.qa_max_items]
     logits_fn = lambda tokens: np.asarray(steps.logits(state, jnp.asarray(tokens, jnp.int32)))
+    greedy_fn = None
+    if jax.process_count() == 1:  # one process: decode with the KV cache (same predictions, faster)
+      from memjax.data.qa import kv_cache_greedy
+      from memjax.model import merge_model
+      model = merge_model(steps.fns.graphdef, state["params"], state["values"])
+      greedy_fn = kv_cache_greedy(model, eos_id=pipe.tokenizer.eos_id, pad_id=pipe.tokenizer.pad_id,
+                                  mesh=steps.mesh)
     result = qa_exact_match(logits_fn, items, pipe.tokenizer, batch_size=cfg.eval.qa_batch_size,
                             max_answer_tokens=cfg.eval.qa_max_answer_tokens or None,
-                            seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len)
+                            seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len, greedy_fn=greedy_fn)
     out["qa_exact_match"] = result["qa_exact_match"]
     out["qa_n"] = result["n"]
     out["qa_chance"] = qa_chance(items)

@@ -337,6 +337,8 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
       # Every process takes part: Orbax's save of sharded arrays is collective (process 0 alone would
       # wait for the others forever); process 0 alone writes config.json.
       export_params(os.path.join(workdir, "export"), state["params"], state["values"], config_json)
+      if pidx == 0:  # the export is self-contained: generation needs no data directory
+        pipe.tokenizer.save(os.path.join(workdir, "export", "tokenizer"))
     return RunResult(final_step, last, workdir)
   finally:
     if bar is not None:
