@@ -82,6 +82,13 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   cost = dict(cost) if cost else {}
   estimate = cost.get("optimal_seconds")
+  # The cost model prices a while loop's body once: with microbatches (a loop over them) its figure
+  # is not the step's, and it is sometimes negative (overflow). Neither is reported as an estimate.
+  estimate_note = None
+  if estimate is not None and tc.microbatches > 1:
+    estimate, estimate_note = None, f"not priced: the cost model counts the {tc.microbatches}-microbatch loop once"
+  elif estimate is not None and estimate <= 0:
+    estimate, estimate_note = None, f"not priced: the cost model returned {estimate:.3g} s"
   tokens = tc.batch_size * tc.seq_len
   factor = 3 if step == "train" else 1  # forward + backward = 3 forwards
   model_flops = factor * cfg.model.flops_per_token(tc.seq_len) * tokens
@@ -94,7 +101,7 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
       "compile_seconds": round(seconds, 1), "bytes_per_device": mem, "total_bytes_per_device": total,
       "hbm_bytes": target.hbm_bytes, "fits": total <= target.hbm_bytes,
       "compiler_flops": cost.get("flops"), "compiler_bytes_accessed": cost.get("bytes accessed"),
-      "compiler_seconds_estimate": estimate, "model_flops_per_step": model_flops,
+      "compiler_seconds_estimate": estimate, "estimate_note": estimate_note, "model_flops_per_step": model_flops,
       "tokens_per_s_estimate": tokens / estimate if estimate and estimate > 0 else None,
       "mfu_estimate": model_flops / (estimate * target.chips * target.peak_flops) if estimate and estimate > 0 else None,
       "collectives": comms.summarize(comms.collectives(compiled)),
@@ -169,6 +176,8 @@ def format_report(r: dict) -> str:
   if r["compiler_seconds_estimate"] is not None:
     lines.append(f"  compiler's estimate: {r['compiler_seconds_estimate'] * 1e3:.1f} ms/step (cost model), "
                  f"{r['tokens_per_s_estimate'] or 0:,.0f} tokens/s, MFU {100 * (r['mfu_estimate'] or 0):.1f}%")
+  elif r.get("estimate_note"):
+    lines.append(f"  compiler's estimate: {r['estimate_note']}")
   else:
     lines.append("  compiler's estimate: none (this target's compiler reports no cost model)")
   lines += [f"  {kind:20s} x{v['count']:<4d} {v['bytes'] / 2**20:,.1f} MiB" for kind, v in r["collectives"].items()]
