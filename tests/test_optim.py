@@ -106,7 +106,7 @@ def test_clip_rows_by_global_norm():
 
 def _temp_bytes(update):
   cfg = _model_cfg(update, n_keys=128, value_dim=64)  # table 16384 x 64 fp32 = 4 MiB
-  fns = make_step_fns(cfg, TrainConfig(steps=10))
+  fns = make_step_fns(cfg, TrainConfig(steps=10, batch_size=2, seq_len=8))  # fewer lookups than slots
   abstract = jax.eval_shape(fns.init, 0)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(0, b=2, t=8))
   compiled = jax.jit(fns.train_step, donate_argnums=0).trace(abstract, batch).lower().compile()
