@@ -101,6 +101,22 @@ class _SpecialIds:
     return BOS_ID
 
 
+class _FileSpecialIds:
+  """Special ids read from a tokenizer file (set ``_pad``, ``_eos``, ``_bos`` in ``__init__``)."""
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+
 class ByteTokenizer(_SpecialIds):
   """UTF-8 bytes shifted by the 3 special ids: ``id = byte + 3``; ``vocab_size = 259``.
 
@@ -142,7 +158,7 @@ class ByteTokenizer(_SpecialIds):
     return "ByteTokenizer(vocab_size=259)"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_FileSpecialIds):
   """A SentencePiece model: a BPE from ``train_bpe`` or any ``.model`` file (``sentencepiece:PATH``).
 
   Special ids are the model's own: a model trained by ``train_bpe`` has pad 0, eos 1, bos 2. A model
@@ -169,18 +185,6 @@ class SentencePieceTokenizer:
     self._eos = eos
     self._pad = pad if pad >= 0 else eos
     self._bos = bos if bos >= 0 else eos
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad
-
-  @property
-  def eos_id(self) -> int:
-    return self._eos
-
-  @property
-  def bos_id(self) -> int:
-    return self._bos
 
   @property
   def vocab_size(self) -> int:
@@ -211,7 +215,7 @@ _HF_EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]", "<|eot_
 _HF_PAD = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 
 
-class HFTokenizer:
+class HFTokenizer(_FileSpecialIds):
   """A Hugging Face ``tokenizer.json`` (``hf:PATH``) through the ``tokenizers`` package.
 
   Encodes without adding special tokens (the pipeline adds bos / eos itself). The special tokens are
@@ -263,18 +267,6 @@ class HFTokenizer:
     self._eos = eos
     self._bos = eos if bos is None else bos
     self._pad = eos if pad is None else pad
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad
-
-  @property
-  def eos_id(self) -> int:
-    return self._eos
-
-  @property
-  def bos_id(self) -> int:
-    return self._bos
 
   @property
   def vocab_size(self) -> int:
