@@ -313,7 +313,12 @@ def compare_with_xla(config_path: str, sizes: dict, *, batch_size=None, seq_len=
   cfg = load_config(config_path, overrides)
   train = dataclasses.replace(cfg.train, **{k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len))
                                             if v is not None})
-  memory = dataclasses.replace(cfg.model.memory, backend=backend,
+  # The "xla" compiler model describes XLA's own formulations (what GPU compiles): the bag on
+  # ``backend`` and the top-k's ``xla`` formulation (three top_k and gathered sub-keys). The CPU
+  # kernels keep less (the C++ selection has no k x k grid in XLA; the dense-score picks no gathered
+  # sub-keys), so on CPU the plan is an upper bound.
+  layer = dataclasses.replace(cfg.model.memory.layer, topk="xla")
+  memory = dataclasses.replace(cfg.model.memory, backend=backend, layer=layer,
                                **{k: v for k, v in (("value_update", value_update),
                                                     ("value_sharding", value_sharding)) if v is not None})
   model = dataclasses.replace(cfg.model, memory=memory)
