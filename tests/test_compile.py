@@ -79,13 +79,14 @@ print("RESULT" + json.dumps(out))
 
 
 def test_remat_keeps_less_on_the_tpu_compiler():
-  # Measured: 596 MiB of temporaries without remat, 339 with "full", 404 with "matmuls" (8 blocks, 32 x 256).
+  # Measured (8 blocks, 32 x 256): 457 MiB of temporaries without remat, 324 with "full", 398 with
+  # "matmuls" (before the gather-free top-k on TPU: 596 / 339 / 404: the baseline fell most).
   out = subprocess.run([_aot_python("tpu"), "-c", REMAT_SCRIPT.format(config=os.path.join(CONFIGS, "default.py"))],
                        capture_output=True, text=True, timeout=1200, cwd=REPO,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
   assert out.returncode == 0, out.stderr[-4000:]
   temp = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
-  assert temp["full"] < 0.7 * temp["none"] and temp["matmuls"] < 0.85 * temp["none"], temp
+  assert temp["full"] < 0.8 * temp["none"] and temp["matmuls"] < 0.9 * temp["none"], temp
 
 
 DECODE_SCRIPT = """
