@@ -1,0 +1,272 @@
+"""Finetuning a trained run (``config.finetune``): where it starts from, and sparse memory finetuning.
+
+Sparse memory finetuning ("smf", Lin et al. 2025, "Continual Learning via Sparse Memory
+Finetuning"): for each value pool,
+  df[m]  = number of background batches (from the pretraining data) in which slot m was read,
+  tf[m]  = reads of slot m in this step's batch (every reader of the pool, every head, every token
+           whose target counts in the loss),
+  score  = tf * log((|B| + 1) / (df + 1)),
+and only the ``top_t`` slots by score (among those read this step; ties to the lower slot) get an
+update; every other value row, and every other parameter, stays bitwise as it was.
+
+Pure functions first (``slot_reads``, ``tfidf_scores``, ``select_slots``, ``merge_model_config``),
+then what touches files (``read_source``, ``load_source_params``, ``background_df``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memjax.config import Config, ConfigError
+from memjax.config_bridge import config_from_dict, config_to_dict, shape_fields
+
+BACKGROUND_FILE = os.path.join("finetune", "background_df.npz")
+
+
+# ----- pure: reads, tf-idf, selection ------------------------------------------------------------
+
+
+def slot_reads(indices, mask_BxT, num_slots: int):
+  """Reads of each slot, ``[M]`` float32: every entry of ``indices`` (a list of ``[B, T, ...]`` slot
+  arrays, one per reader) counts once where ``mask_BxT`` is nonzero.
+
+  Example:
+    >>> idx = jnp.array([[[0, 2], [2, 2]]])                 # [B=1, T=2, 2 reads]
+    >>> slot_reads([idx], jnp.array([[1, 1]]), 4).tolist()
+    [1.0, 0.0, 3.0, 0.0]
+  """
+  counts = jnp.zeros((num_slots,), jnp.float32)
+  for idx in indices:
+    b, t = idx.shape[:2]
+    w = jnp.broadcast_to(mask_BxT.astype(jnp.float32).reshape(b, t, *([1] * (idx.ndim - 2))), idx.shape)
+    counts = counts.at[idx.reshape(-1)].add(w.reshape(-1), mode="drop")
+  return counts
+
+
+def tfidf_scores(reads_M, df_M, num_background: int):
+  """``tf * log((|B| + 1) / (df + 1))`` per slot (``|B|`` = ``num_background`` batches).
+
+  Example:
+    >>> [round(x, 4) for x in tfidf_scores(jnp.array([2.0, 1.0]), jnp.array([0.0, 3.0]), 3).tolist()]
+    [2.7726, 0.0]
+  """
+  idf = jnp.log((num_background + 1.0) / (df_M.astype(jnp.float32) + 1.0))
+  return reads_M.astype(jnp.float32) * idf
+
+
+def select_slots(reads_M, df_M, num_background: int, top_t: int):
+  """Boolean ``[M]``: the ``top_t`` slots by tf-idf among those read (``reads > 0``); equal scores
+  go to the lower slot. At most ``min(top_t, M)`` are True.
+
+  Example:
+    >>> select_slots(jnp.array([1.0, 5.0, 0.0, 2.0]), jnp.array([0.0, 4.0, 0.0, 0.0]), 4, 2).tolist()
+    [True, False, False, True]
+  """
+  m = reads_M.shape[0]
+  t = min(int(top_t), m)
+  score = jnp.where(reads_M > 0, tfidf_scores(reads_M, df_M, num_background), -1.0)
+  _, top = jax.lax.top_k(score, t)
+  chosen = jnp.zeros((m,), bool).at[top].set(True)
+  return chosen & (reads_M > 0)
+
+
+def merge_model_config(cfg: Config, saved: Config) -> Config:
+  """``cfg`` with its model taken from ``saved`` (the checkpoint's config).
+
+  A model field ``cfg`` leaves at its default takes the saved value; one it sets (differs from the
+  default) is kept, unless it is a field that fixes array shapes (``shape_fields``) and differs from
+  the saved value: then ``ConfigError`` names it. ``model.vocab_size`` always comes from ``saved``.
+  """
+  default, now, old = (_flat(config_to_dict(c)["model"]) for c in (Config(), cfg, saved))
+  shapes = {k[len("model."):] for k in shape_fields(saved)}
+  merged = {}
+  for key, value in old.items():
+    given = now.get(key)
+    if key == "vocab_size" or given == default.get(key):
+      merged[key] = value
+    elif key in shapes and given != value:
+      owner, _, field = f"model.{key}".rpartition(".")
+      raise ConfigError(owner, field, given, f"differs from {value!r} in the checkpoint of finetune.init_from: "
+                                             "finetuning keeps the model's shapes (leave it unset)")
+    else:
+      merged[key] = given
+  raw = config_to_dict(cfg)
+  raw["model"] = _unflat(merged)
+  return config_from_dict(raw)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _unflat(flat: dict) -> dict:
+  out: dict = {}
+  for key, v in flat.items():
+    node = out
+    *head, last = key.split(".")
+    for h in head:
+      node = node.setdefault(h, {})
+    node[last] = v
+  return out
+
+
+# ----- files: the source run, the background statistics -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a finetuning run starts: ``kind`` "workdir" (latest checkpoint) or "export", its path and
+  the config saved with it."""
+
+  kind: str
+  path: str
+  config: Config
+
+
+def read_source(init_from: str) -> Source:
+  """The run ``finetune.init_from`` names; ``ConfigError`` (``finetune.init_from``) if it is none.
+
+  Example:
+    >>> read_source("runs/default").config.model.dim   # doctest: +SKIP
+    128
+  """
+  from memjax.train.checkpoint import Checkpointer
+  path = os.path.abspath(init_from)
+  fail = lambda why: ConfigError("finetune", "init_from", init_from, why)
+  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
+    with open(os.path.join(path, "config.json")) as f:
+      raw = json.load(f)
+    kind = "export"
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    ckpt = Checkpointer(path)
+    try:
+      raw = ckpt.read_config() if ckpt.latest_step() is not None else None
+    finally:
+      ckpt.close()
+    if raw is None:
+      raise fail("holds no finished checkpoint with a saved config")
+    kind = "workdir"
+  else:
+    raise fail("is neither a workdir with checkpoints nor an export directory (config.json + params/)")
+  try:
+    return Source(kind, path, config_from_dict(raw))
+  except ConfigError as e:
+    raise fail(f"has an unreadable saved config ({e})") from None
+
+
+def load_source_params(source: Source, mesh, value_sharding: str):
+  """``(params, values)`` of ``source`` laid out on ``mesh`` (exactly the saved arrays)."""
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from memjax import sharding
+  from memjax.model import LM, split_model
+  from memjax.train.checkpoint import Checkpointer
+  from memjax.train.step import jit_steps, make_step_fns, with_shardings
+
+  cfg = source.config
+  if source.kind == "export":
+    rules = sharding.axis_rules(value_sharding)
+    _, params, values = split_model(nnx.eval_shape(lambda: LM(cfg.model, rngs=nnx.Rngs(0))))
+    target = {"params": with_shardings(params, sharding.state_shardings(params, mesh, rules)),
+              "values": with_shardings(values, sharding.state_shardings(values, mesh, rules))}
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(os.path.join(source.path, "params"), target)
+    return restored["params"], restored["values"]
+  steps = jit_steps(make_step_fns(cfg.model, cfg.train, finetune=cfg.finetune), mesh, value_sharding)
+  ckpt = Checkpointer(source.path)
+  try:
+    state, _, _ = ckpt.restore(with_shardings(steps.abstract_state, steps.state_sharding))
+  finally:
+    ckpt.close()
+  return state["params"], state["values"]
+
+
+def background_df(steps, state, batches, num_slots: int) -> dict:
+  """``{pool key: df [M] float32}``: in how many of ``batches`` (global batches) each slot was read.
+
+  Example:
+    >>> df = background_df(steps, state, [batch1, batch2], 4096)   # doctest: +SKIP
+  """
+  df = {pool.key: np.zeros((num_slots,), np.float32) for pool in steps.fns.pools}
+  count = 0
+  for batch in batches:
+    out = steps.eval(state, batch)
+    mask = jax.device_get(batch["loss_mask"]) if jax.process_count() == 1 else None
+    for pool in steps.fns.pools:
+      idx = [out["lookups"][j][0] for j in pool.readers]
+      m = jnp.ones(idx[0].shape[:2]) if mask is None else jnp.asarray(mask)
+      df[pool.key] += np.asarray(slot_reads(idx, m, num_slots) > 0, np.float32)
+    count += 1
+  return df
+
+
+def check_finetune(cfg: Config) -> None:
+  """Refuses finetuning settings the (merged) model cannot run, naming the field."""
+  ft = cfg.finetune
+  if ft.method in ("memory", "smf") and not cfg.model.memory.layers:
+    raise ConfigError("finetune", "method", ft.method, "trains memory slots: the model of finetune.init_from has "
+                                                         "no memory layers (use 'full')")
+  if ft.method is not None and cfg.train.microbatches != 1:
+    raise ConfigError("train", "microbatches", cfg.train.microbatches, "must be 1 with finetune.method set")
+
+
+def start_from_source(cfg: Config, source: Source, steps, workdir: str):
+  """The first state of a finetuning run: the source's parameters, a fresh optimizer state and, for
+  "smf", the background document frequencies (computed over ``finetune.background_batches`` batches of
+  the source run's own data, or read back from ``<workdir>/finetune/background_df.npz``)."""
+  params, values = load_source_params(source, steps.mesh, cfg.model.memory.value_sharding)
+  state = steps.start(params, values)
+  ft = cfg.finetune
+  if ft.method != "smf":
+    return state
+  keys = [p.key for p in steps.fns.pools]
+  df = load_background(workdir, ft.background_batches, keys)
+  if df is None:
+    from memjax.data import make_pipeline
+    from memjax.train.evaluate import global_batch
+    tc, nproc = cfg.train, jax.process_count()
+    pipe = make_pipeline(source.config.data, seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
+                         process_index=jax.process_index(), process_count=nproc)
+    batches = (global_batch(next(pipe.train), steps, tc.batch_size) for _ in range(ft.background_batches))
+    df = background_df(steps, state, batches, cfg.model.memory.layer.num_slots)
+    save_background(workdir, df, ft.background_batches)
+  stats = {k: jax.device_put(jnp.asarray(df[k]), steps.state_sharding["stats"][k]) for k in keys}
+  return {**state, "stats": stats}
+
+
+def save_background(workdir: str, df: dict, num_batches: int) -> None:
+  """Writes ``<workdir>/finetune/background_df.npz`` (atomically; process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, BACKGROUND_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + f".tmp{os.getpid()}.npz"
+  keys = sorted(df)
+  np.savez(tmp, num_batches=np.int64(num_batches), keys=np.array(keys),
+           **{f"df_{i}": df[k] for i, k in enumerate(keys)})
+  os.replace(tmp, path)
+
+
+def load_background(workdir: str, num_batches: int, keys) -> dict | None:
+  """The saved document frequencies if they were computed over ``num_batches`` for these pools."""
+  path = os.path.join(workdir, BACKGROUND_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    saved = [str(k) for k in z["keys"]]
+    if int(z["num_batches"]) != num_batches or sorted(keys) != saved:
+      return None
+    return {k: np.asarray(z[f"df_{i}"]) for i, k in enumerate(saved)}
