@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.config import Config, ConfigError
+from memjax.config import Config, ConfigError, DataConfig
 from memjax.config_bridge import config_from_dict, config_to_dict, shape_fields
 
 BACKGROUND_FILE = os.path.join("finetune", "background_df.npz")
@@ -120,6 +120,22 @@ def _unflat(flat: dict) -> dict:
       node = node.setdefault(h, {})
     node[last] = v
   return out
+
+
+def with_source_tokenizer(cfg: Config, source: "Source") -> Config:
+  """``cfg`` reading its data with the tokenizer of ``source``: the ids must mean what they meant in
+  training. A BPE tokenizer trained on the source's data is named by its file (``sentencepiece:PATH``),
+  so the new data does not train another one. A ``data.tokenizer`` set (not the default) to another
+  tokenizer raises ``ConfigError`` naming it."""
+  saved, given = source.config.data.tokenizer, cfg.data.tokenizer
+  if given not in (DataConfig().tokenizer, saved):
+    raise ConfigError("data", "tokenizer", given, f"differs from {saved!r}, the tokenizer of finetune.init_from: "
+                                                  "finetuning reads its data with the model's tokenizer (leave it unset)")
+  spec = saved
+  if saved == "bpe":
+    from memjax.data.pipeline import tokenizer_for
+    spec = f"sentencepiece:{tokenizer_for(source.config.data)[1]}"
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=spec))
 
 
 # ----- files: the source run, the background statistics -----------------------------------------

@@ -204,9 +204,9 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
                       f"mesh.data * mesh.fsdp = {batch_shards}")
   source = None
   if cfg.finetune.init_from is not None:  # before anything is written: the model comes from there
-    from memjax.train.finetune import check_finetune, merge_model_config, read_source
+    from memjax.train.finetune import check_finetune, merge_model_config, read_source, with_source_tokenizer
     source = read_source(cfg.finetune.init_from)
-    cfg = merge_model_config(cfg, source.config)
+    cfg = with_source_tokenizer(merge_model_config(cfg, source.config), source)
     check_finetune(cfg)
   created = not os.path.exists(workdir)
   check_workdir(workdir)
