@@ -6,8 +6,8 @@
 The model (and its tokenizer) come from ``finetune.init_from``; this file gives only the data, the
 optimizer and the finetune settings. The data are the facts of another knowledge-base world
 (``data.kb_seed=1``: new people), so the QA exact match at the end measures what was learnt.
-Baselines: ``configs/finetune_full.py`` (every parameter), ``configs/finetune_memory.py`` (every
-value row).
+Baselines: ``configs/finetune_full.py`` (every parameter), ``configs/finetune_lora.py`` (adapters),
+``configs/finetune_memory.py`` (every value row).
 """
 
 from configs import base

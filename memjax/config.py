@@ -757,7 +757,7 @@ class EvalConfig(_Checked):
     self._ints("qa_max_answer_tokens", "qa_seq_len", "eval_batches", low=0)
 
 
-FINETUNE_METHODS = ("full", "memory", "smf")
+FINETUNE_METHODS = ("full", "memory", "smf", "lora")
 FINETUNE_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -772,10 +772,12 @@ class FinetuneConfig(_Checked):
     method: ``None`` (with ``init_from``: a warm start under the ``train`` optimizer), "full" (every
       parameter trains), "memory" (every value row, nothing else) or "smf" (sparse memory
       finetuning: per step only the ``top_t`` slots of each value pool with the highest tf-idf of
-      the batch's reads against the background reads); the three use ``optimizer`` at ``lr``.
+      the batch's reads against the background reads) or "lora" (rank-``lora_rank`` adapters on the
+      attention and dense FFN matrices, every base parameter frozen); all use ``optimizer`` at ``lr``.
     top_t: slots updated per step and value pool with "smf".
     optimizer: "sgd" or "adam" (no clipping, no weight decay, constant ``lr``).
     lr: the finetuning learning rate.
+    lora_rank: the adapters' rank r with "lora" (``W + A B``, A [in, r], B [r, out], B = 0 at the start).
     background_batches: batches of the ``init_from`` run's own training data whose reads give the
       document frequency of each slot ("smf"), computed once and saved in the workdir.
 
@@ -794,13 +796,14 @@ class FinetuneConfig(_Checked):
   optimizer: str = "sgd"
   lr: float = 0.1
   background_batches: int = 16
+  lora_rank: int = 8
 
   def __post_init__(self):
     if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
       self._fail("init_from", "must be None (train from scratch) or a workdir / export directory")
     if self.method is not None:
       self._choice("method", FINETUNE_METHODS, what="is not a finetuning method")
-    self._ints("top_t", "background_batches")
+    self._ints("top_t", "background_batches", "lora_rank")
     self._choice("optimizer", FINETUNE_OPTIMIZERS)
     self._floats("lr", strict=True)
     if self.method is not None and self.init_from is None:

@@ -151,3 +151,33 @@ def test_bad_finetune_settings_exit_2_with_one_line(pretrained, tmp_path, capsys
   line = one_error_line(capsys.readouterr().err)
   assert code == 2 and field in line, line
   assert not workdir.exists()  # refused before anything is written
+
+
+def test_lora_has_the_stated_parameter_count_starts_equal_and_trains_only_adapters(pretrained):
+  from memjax.train.finetune import lora_param_count
+  cfg = tiny_config(pretrained / "data")
+  ft = FinetuneConfig(init_from=str(pretrained / "pre"), method="lora", lora_rank=3, lr=0.5, optimizer="adam")
+  source = read_source(ft.init_from)
+  cfg = merge_model_config(dataclasses.replace(cfg, finetune=ft), source.config)
+  m = cfg.model
+  c, hd, f, r = m.dim, m.num_heads * m.head_dim, m.mlp_dim, 3
+  # 4 attention matrices per block (wq, wk, wv: C -> N*Dh; wo: N*Dh -> C), 3 SwiGLU matrices per dense block
+  want = m.num_layers * 4 * r * (c + hd) + sum(m.block_kind(i) == "dense" for i in range(m.num_layers)) * 3 * r * (c + f)
+  assert lora_param_count(m, r) == want
+  base_steps = jit_steps(make_step_fns(m, cfg.train), _mesh(), "column")
+  steps = jit_steps(make_step_fns(m, cfg.train, finetune=ft), _mesh(), "column")
+  with jax.set_mesh(steps.mesh):
+    params, values = load_source_params(source, steps.mesh, "column")
+    state = steps.start(params, values)
+    assert sum(np.size(x) for x in jax.tree.leaves(state["lora"])) == want
+    tokens = random_batch(5, 2, 16, m.vocab_size)["inputs"]
+    base = np.asarray(base_steps.logits(base_steps.start(params, values), tokens))
+    np.testing.assert_array_equal(np.asarray(steps.logits(state, tokens)), base)  # B = 0: the base model
+    before = jax.tree.map(np.asarray, state)
+    after, _ = steps.train(state, random_batch(6, cfg.train.batch_size, cfg.train.seq_len, m.vocab_size))
+    after = jax.tree.map(np.asarray, after)
+    moved = np.asarray(steps.logits(after, tokens))
+  for group in ("params", "values"):  # the base is frozen: bitwise
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(_leaves(before[group]), _leaves(after[group])))
+  assert any(np.any(a != b) for a, b in zip(_leaves(before["lora"]), _leaves(after["lora"])))
+  assert np.abs(moved - base).max() > 0

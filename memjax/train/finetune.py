@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import jax
@@ -74,6 +75,73 @@ def select_slots(reads_M, df_M, num_background: int, top_t: int):
   _, top = jax.lax.top_k(score, t)
   chosen = jnp.zeros((m,), bool).at[top].set(True)
   return chosen & (reads_M > 0)
+
+
+# ----- pure: LoRA adapters ------------------------------------------------------------------------
+
+# Matrices that get an adapter, with how many of their leading axes are the input (contracted) side.
+LORA_TARGETS = {"attn": {"wq": 1, "wk": 1, "wv": 1, "wo": 2}, "ffn": {"w_gate": 1, "w_up": 1, "w_down": 1}}
+
+
+def lora_targets(model_cfg, params) -> dict:
+  """``{name: (path, in_axes)}`` of the matrices adapted by "lora": every attention projection and
+  the dense blocks' SwiGLU matrices (not memory layers, not MoE experts). ``name`` is the path joined
+  by "/"."""
+  from flax import nnx
+  out = {}
+  for path, _ in nnx.to_flat_state(params):
+    path = tuple(path)
+    if len(path) < 3 or path[0] != "blocks":
+      continue
+    group, leaf = path[-2], path[-1]
+    if group == "ffn" and model_cfg.block_kind(int(path[1])) != "dense":
+      continue
+    if leaf in LORA_TARGETS.get(group, {}):
+      out["/".join(map(str, path))] = (path, LORA_TARGETS[group][leaf])
+  return out
+
+
+def lora_init(model_cfg, params, rank: int, key) -> dict:
+  """``{name: {"a": [in, r], "b": [r, out]}}``: A ~ N(0, 1/in), B = 0, so the adapted model starts as
+  the base model exactly."""
+  flat = {tuple(p): v for p, v in _flat_state(params)}
+  out = {}
+  for i, (name, (path, k)) in enumerate(sorted(lora_targets(model_cfg, params).items())):
+    shape = flat[path].shape
+    n_in, n_out = math.prod(shape[:k]), math.prod(shape[k:])
+    a = jax.random.normal(jax.random.fold_in(key, i), (n_in, rank), jnp.float32) * n_in**-0.5
+    out[name] = {"a": a, "b": jnp.zeros((rank, n_out), jnp.float32)}
+  return out
+
+
+def lora_merge(model_cfg, params, lora: dict):
+  """``params`` with every adapted matrix ``W`` replaced by ``W + (A B)`` (reshaped to W's shape)."""
+  from flax import nnx
+  targets = lora_targets(model_cfg, params)
+  flat = {tuple(p): v for p, v in nnx.to_flat_state(params)}
+  for name, ab in lora.items():
+    path = targets[name][0]
+    w = flat[path][...]
+    flat[path] = flat[path].replace(w + (ab["a"] @ ab["b"]).reshape(w.shape).astype(w.dtype))
+  return nnx.from_flat_state(flat)
+
+
+def lora_param_count(model_cfg, rank: int) -> int:
+  """Adapter parameters: ``r (in + out)`` per adapted matrix.
+
+  Example:
+    >>> from memjax.config import ModelConfig
+    >>> lora_param_count(ModelConfig(dim=32, num_layers=1, num_heads=2, head_dim=16, mlp_dim=64, vocab_size=8), 4)
+    2176
+  """
+  c, hd, f = model_cfg.dim, model_cfg.num_heads * model_cfg.head_dim, model_cfg.mlp_dim
+  dense = sum(model_cfg.block_kind(i) == "dense" for i in range(model_cfg.num_layers))
+  return model_cfg.num_layers * 4 * rank * (c + hd) + dense * 3 * rank * (c + f)
+
+
+def _flat_state(state):
+  from flax import nnx
+  return [(p, v[...]) for p, v in nnx.to_flat_state(state)]
 
 
 def merge_model_config(cfg: Config, saved: Config) -> Config:

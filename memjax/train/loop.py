@@ -351,7 +351,9 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
       last = {**last, **ev}
       # Every process takes part: Orbax's save of sharded arrays is collective (process 0 alone would
       # wait for the others forever); process 0 alone writes config.json.
-      export_params(os.path.join(workdir, "export"), state["params"], state["values"], config_json)
+      merged = steps.fns.merged_params  # "lora": the base with its adapters folded in
+      params_out = state["params"] if merged is None else jax.jit(merged)(state)
+      export_params(os.path.join(workdir, "export"), params_out, state["values"], config_json)
     return RunResult(final_step, last, workdir)
   finally:
     if bar is not None:

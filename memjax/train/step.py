@@ -95,6 +95,7 @@ class StepFns:
   eval_step: Any  # (state, batch) -> {"ce", "tokens", "lookups"}
   logits: Any  # (state, tokens [B, T] int32) -> logits [B, T, V] fp32
   finetune: str | None = None
+  merged_params: Any = None  # state -> the parameters to export ("lora": base + adapters); None: params
 
 
 def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
@@ -280,7 +281,7 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
   """``make_step_fns`` for ``ft.method`` in ("full", "memory", "smf"): the finetune optimizer
   (``ft.optimizer`` at the constant ``ft.lr``; Adam with ``train.b1, b2, eps``; no clip or decay),
   dense value gradients, and for "smf" the row mask of ``finetune.select_slots`` per pool."""
-  from memjax.train.finetune import select_slots, slot_reads
+  from memjax.train.finetune import lora_init, lora_merge, select_slots, slot_reads
 
   method, lr = ft.method, ft.lr
   num_slots = model_cfg.memory.layer.num_slots
@@ -288,7 +289,7 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
   if model_cfg.memory.row_sparse and backend == "auto":
     backend = "xla"
   b1, b2, eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
-  if method == "full":
+  if method in ("full", "lora"):  # "lora": the optimizer of the adapters
     model_tx = optax.sgd(lr) if ft.optimizer == "sgd" else optax.adam(lr, b1=b1, b2=b2, eps=eps)
   else:
     model_tx = optax.identity()  # frozen: no optimizer state
@@ -298,13 +299,21 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
 
   def start(params, values, stats=None):
     value_opt = ({p.key: sparse_adam_init(_get(values, p.path)[...]) for p in pools}
-                 if ft.optimizer == "adam" else {})
+                 if ft.optimizer == "adam" and method in ("full", "memory", "smf") else {})
     if method == "smf":
       stats = stats if stats is not None else {p.key: jnp.zeros((num_slots,), jnp.float32) for p in pools}
     else:
       stats = {}
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "values": values,
-            "opt": model_tx.init(params), "value_opt": value_opt, "stats": stats}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "values": values,
+             "opt": model_tx.init(params), "value_opt": value_opt, "stats": stats}
+    if method == "lora":
+      lora = lora_init(model_cfg, params, ft.lora_rank, jax.random.key(train_cfg.seed))
+      state = {**state, "lora": lora, "opt": model_tx.init(lora)}
+    return state
+
+  def effective(state):
+    """The parameters the model runs with: the base, plus the adapters with "lora"."""
+    return lora_merge(model_cfg, state["params"], state["lora"]) if method == "lora" else state["params"]
 
   def init(seed):
     _, params, values = split_model(LM(model_cfg, backend=backend, rngs=nnx.Rngs(jax.random.key(seed))))
@@ -319,6 +328,10 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
 
   def grads(state, batch):
     params, values = state["params"], state["values"]
+    if method == "lora":  # gradients of the adapters only; g_params are those of state["lora"]
+      (loss, aux), g_lora = jax.value_and_grad(
+          lambda lo: forward(lora_merge(model_cfg, params, lo), values, batch), has_aux=True)(state["lora"])
+      return loss, aux, g_lora, None
     if method == "full":
       (loss, aux), (g_params, g_values) = jax.value_and_grad(forward, argnums=(0, 1), has_aux=True)(
           params, values, batch)
@@ -341,9 +354,9 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
     loss, aux, g_params, g_values = grads(state, batch)
     masks = row_masks(state, aux, batch)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(state["values"])}
-    g_flat = {tuple(p): v for p, v in nnx.to_flat_state(g_values)}
+    g_flat = {tuple(p): v for p, v in nnx.to_flat_state(g_values)} if g_values is not None else {}
     new_value_opt, sq_norm, updated = {}, 0.0, 0
-    for p in pools:
+    for p in (pools if g_values is not None else ()):
       table, g = flat[p.path][...], g_flat[p.path][...].astype(jnp.float32)
       rows = masks[p.key]
       if rows is not None:
@@ -366,9 +379,15 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
       if rows is not None:
         new = jnp.where(rows[:, None], new, table)  # bitwise: rows not selected are not touched
       flat[p.path] = flat[p.path].replace(new)
-    new_values = nnx.from_flat_state(flat)
+    new_values = nnx.from_flat_state(flat) if g_values is not None else state["values"]
     value_grad_norm = jnp.sqrt(sq_norm)
-    if g_params is not None:
+    extra = {}
+    if method == "lora":
+      grad_norm = optax.tree.norm(g_params)
+      updates, new_opt = model_tx.update(g_params, state["opt"], state["lora"])
+      extra = {"lora": optax.apply_updates(state["lora"], updates)}
+      new_params = state["params"]
+    elif g_params is not None:
       grad_norm = optax.tree.norm(g_params)
       updates, new_opt = model_tx.update(g_params, state["opt"], state["params"])
       new_params = optax.apply_updates(state["params"], updates)
@@ -376,27 +395,28 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
       grad_norm, new_opt, new_params = jnp.zeros(()), state["opt"], state["params"]
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(value_grad_norm)
     new_state = {"step": state["step"] + 1, "params": new_params, "values": new_values, "opt": new_opt,
-                 "value_opt": new_value_opt, "stats": state["stats"]}
+                 "value_opt": new_value_opt, "stats": state["stats"], **extra}
     if train_cfg.nan_policy == "skip":
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      new_state = {**new_state, **{k: keep(new_state[k], state[k]) for k in ("params", "values", "opt", "value_opt")}}
+      new_state = {**new_state, **{k: keep(new_state[k], state[k]) for k in ("params", "values", "opt", "value_opt",
+                                                                              *extra)}}
     lr_now = jnp.asarray(lr, jnp.float32)
     metrics = {"loss": loss, "ce": aux.ce, "moe_loss": aux.moe_loss, "grad_norm": grad_norm,
-               "value_grad_norm": value_grad_norm, "lr": lr_now if method == "full" else jnp.zeros(()),
-               "value_lr": lr_now, "tokens": aux.tokens, "finite": finite}
+               "value_grad_norm": value_grad_norm, "lr": lr_now if method in ("full", "lora") else jnp.zeros(()),
+               "value_lr": lr_now if method != "lora" else jnp.zeros(()), "tokens": aux.tokens, "finite": finite}
     if method == "smf":
       metrics["slots_updated"] = updated
     return new_state, metrics
 
   def eval_step(state, batch):
-    _, aux = forward(state["params"], state["values"], batch)
+    _, aux = forward(effective(state), state["values"], batch)
     return {"ce": aux.ce, "tokens": aux.tokens, "lookups": aux.lookups}
 
   def logits(state, tokens_BxT):
-    return merge_model(graphdef, state["params"], state["values"])(tokens_BxT)[0]
+    return merge_model(graphdef, effective(state), state["values"])(tokens_BxT)[0]
 
   return StepFns(graphdef, pools, False, model_tx, None, init, start, grads, train_step, eval_step, logits,
-                 finetune=method)
+                 finetune=method, merged_params=effective if method == "lora" else None)
 
 
 # ----- sharding of the state and the one jit ----------------------------------------------------------
@@ -414,7 +434,8 @@ def state_shardings(fns: StepFns, abstract_state, mesh: Mesh, rules: dict):
                                  transform_non_params=lambda _: rep,
                                  is_leaf=lambda x: isinstance(x, (nnx.Variable, NamedSharding)))
 
-  opt_sh = like_params(fns.model_tx, abstract_state["opt"], params_sh)
+  lora_sh = jax.tree.map(lambda _: rep, abstract_state["lora"]) if "lora" in abstract_state else None
+  opt_sh = like_params(fns.model_tx, abstract_state["opt"], params_sh if lora_sh is None else lora_sh)
   if fns.sparse or fns.finetune is not None:
     value_opt_sh = {}
     for pool in fns.pools:
@@ -426,6 +447,8 @@ def state_shardings(fns: StepFns, abstract_state, mesh: Mesh, rules: dict):
   out = {"step": rep, "params": params_sh, "values": values_sh, "opt": opt_sh, "value_opt": value_opt_sh}
   if "stats" in abstract_state:
     out["stats"] = {k: rep for k in abstract_state["stats"]}
+  if lora_sh is not None:
+    out["lora"] = lora_sh
   return out
 
 
