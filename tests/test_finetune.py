@@ -13,7 +13,7 @@ from helpers import checkpoint_tree, one_error_line, random_batch, tiny_config, 
 from memjax.config import FinetuneConfig
 from memjax.config_bridge import config_from_dict
 from memjax.train import main as cli
-from memjax.train.finetune import (load_source_params, merge_model_config, read_source, select_slots, slot_reads,
+from memjax.train.finetune import (background_df, load_source_params, merge_model_config, read_source, select_slots, slot_reads,
                                    start_from_source, tfidf_scores)
 from memjax.train.loop import run
 from memjax.train.step import jit_steps, make_step_fns
@@ -109,6 +109,17 @@ def test_smf_step_changes_only_the_selected_value_rows(pretrained, tmp_path):
     for j in pool.readers:
       np.add.at(reads, np.asarray(lookups[j][0]).reshape(-1), 1.0)
     chosen = numpy_select(reads, df, 4, 6)
+    two = [random_batch(s, cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size) for s in (7, 8)]
+    two[1]["loss_mask"][:, : cfg.train.seq_len // 2] = 0  # reads of masked tokens do not count
+    ref = np.zeros_like(reads)
+    for b in two:
+      look = steps.eval(state, b)["lookups"]
+      seen = np.zeros_like(reads)
+      for j in pool.readers:
+        idx = np.asarray(look[j][0])
+        np.add.at(seen, idx[b["loss_mask"] > 0].reshape(-1), 1.0)
+      ref += seen > 0
+    np.testing.assert_array_equal(background_df(steps, state, two, len(reads))[pool.key], ref)
     before = jax.tree.map(np.asarray, state)
     after, metrics = steps.train(state, batch)
     after = jax.tree.map(np.asarray, after)

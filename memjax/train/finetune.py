@@ -279,21 +279,27 @@ def load_source_params(source: Source, mesh, value_sharding: str):
 
 
 def background_df(steps, state, batches, num_slots: int) -> dict:
-  """``{pool key: df [M] float32}``: in how many of ``batches`` (global batches) each slot was read.
+  """``{pool key: df [M] float32}``: in how many of ``batches`` (global batches) each slot was read
+  (by a token whose target counts in the loss). Runs under one jit with replicated outputs, so every
+  process of a multi-process run gets the same counts.
 
   Example:
     >>> df = background_df(steps, state, [batch1, batch2], 4096)   # doctest: +SKIP
   """
-  df = {pool.key: np.zeros((num_slots,), np.float32) for pool in steps.fns.pools}
-  count = 0
+  from memjax import sharding
+  pools = steps.fns.pools
+
+  def read_once(state, batch):
+    lookups = steps.fns.eval_step(state, batch)["lookups"]
+    return {p.key: (slot_reads([lookups[j][0] for j in p.readers], batch["loss_mask"], num_slots) > 0
+                    ).astype(jnp.float32) for p in pools}
+
+  rep = sharding.replicated(steps.mesh)
+  fn = jax.jit(read_once, in_shardings=(steps.state_sharding, steps.batch_sharding), out_shardings=rep)
+  df = {p.key: np.zeros((num_slots,), np.float32) for p in pools}
   for batch in batches:
-    out = steps.eval(state, batch)
-    mask = jax.device_get(batch["loss_mask"]) if jax.process_count() == 1 else None
-    for pool in steps.fns.pools:
-      idx = [out["lookups"][j][0] for j in pool.readers]
-      m = jnp.ones(idx[0].shape[:2]) if mask is None else jnp.asarray(mask)
-      df[pool.key] += np.asarray(slot_reads(idx, m, num_slots) > 0, np.float32)
-    count += 1
+    for key, seen in fn(state, batch).items():
+      df[key] += np.asarray(seen)
   return df
 
 
