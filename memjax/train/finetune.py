@@ -251,7 +251,12 @@ def read_source(init_from: str) -> Source:
 
 
 def load_source_params(source: Source, mesh, value_sharding: str):
-  """``(params, values)`` of ``source`` laid out on ``mesh`` (exactly the saved arrays)."""
+  """``(params, values)`` of ``source`` laid out on ``mesh``: exactly the saved arrays (of a LoRA
+  finetuning run: its matrices with the adapters folded in, as its export holds them).
+
+  Example:
+    >>> params, values = load_source_params(read_source("runs/default"), mesh, "column")  # doctest: +SKIP
+  """
   import orbax.checkpoint as ocp
   from flax import nnx
 
@@ -275,6 +280,8 @@ def load_source_params(source: Source, mesh, value_sharding: str):
     state, _, _ = ckpt.restore(with_shardings(steps.abstract_state, steps.state_sharding))
   finally:
     ckpt.close()
+  if steps.fns.merged_params is not None:  # a LoRA run: its adapters folded into the matrices
+    return jax.jit(steps.fns.merged_params)(state), state["values"]
   return state["params"], state["values"]
 
 
