@@ -153,6 +153,9 @@ def test_memory_method_trains_values_only(pretrained):
     (["--config.finetune.method=smf", "--config.finetune.init_from=PRE", "--config.model.memory.n_keys=8"],
      "model.memory.n_keys=8"),
     (["--config.finetune.method=smf", "--config.finetune.init_from=NOWHERE"], "finetune.init_from="),
+    (["--config.finetune.init_from=PRE", "--config.data.tokenizer=bpe"], "data.tokenizer='bpe'"),
+    (["--config.finetune.init_from=PRE", "--config.finetune.method=lora", "--config.finetune.lora_rank=0"],
+     "finetune.lora_rank=0"),
 ])
 def test_bad_finetune_settings_exit_2_with_one_line(pretrained, tmp_path, capsys, flags, field):
   flags = [f.replace("PRE", str(pretrained / "pre")).replace("NOWHERE", str(tmp_path / "none")) for f in flags]
@@ -192,3 +195,29 @@ def test_lora_has_the_stated_parameter_count_starts_equal_and_trains_only_adapte
     assert all(a.tobytes() == b.tobytes() for a, b in zip(_leaves(before[group]), _leaves(after[group])))
   assert any(np.any(a != b) for a, b in zip(_leaves(before["lora"]), _leaves(after["lora"])))
   assert np.abs(moved - base).max() > 0
+
+
+def test_model_config_comes_from_the_checkpoint(pretrained):
+  saved = read_source(str(pretrained / "pre")).config
+  raw = tiny_raw(pretrained / "data")
+  for key in ("dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):  # back to the defaults: "not given"
+    del raw.model[key]
+  raw.model.dtype = "bfloat16"  # given, not a shape (the compute dtype): kept
+  merged = merge_model_config(config_from_dict(raw), saved)
+  assert merged.model == dataclasses.replace(saved.model, dtype="bfloat16")
+  assert merged.model.dim == 32 and merged.model.vocab_size == saved.model.vocab_size
+
+
+def test_an_smf_run_end_to_end_and_its_resume(pretrained, tmp_path):
+  from helpers import records
+  raw = tiny_raw(pretrained / "data", steps=2, log_every=1)
+  raw.finetune.init_from = str(pretrained / "pre")
+  raw.finetune.method, raw.finetune.top_t, raw.finetune.background_batches = "smf", 5, 2
+  cfg = config_from_dict(raw)
+  result = run(cfg, str(tmp_path / "ft"), progress=False)
+  assert result.step == 2
+  logged = [r for r in records(tmp_path / "ft") if "loss" in r]
+  assert [r["slots_updated"] for r in logged] == [5, 5]
+  assert (tmp_path / "ft" / "finetune" / "background_df.npz").exists()
+  assert (tmp_path / "ft" / "export" / "config.json").exists()
+  assert run(cfg, str(tmp_path / "ft"), progress=False).step == 2  # resumes its own checkpoint
