@@ -278,9 +278,10 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
 
 
 def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: FinetuneConfig) -> StepFns:
-  """``make_step_fns`` for ``ft.method`` in ("full", "memory", "smf"): the finetune optimizer
+  """``make_step_fns`` for ``ft.method`` in ("full", "memory", "smf", "lora"): the finetune optimizer
   (``ft.optimizer`` at the constant ``ft.lr``; Adam with ``train.b1, b2, eps``; no clip or decay),
-  dense value gradients, and for "smf" the row mask of ``finetune.select_slots`` per pool."""
+  dense value gradients, for "smf" the row mask of ``finetune.select_slots`` per pool, for "lora" the
+  adapters ``state["lora"]`` (``finetune.lora_init``) as the only trained parameters."""
   from memjax.train.finetune import lora_init, lora_merge, select_slots, slot_reads
 
   method, lr = ft.method, ft.lr
@@ -304,12 +305,12 @@ def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: Finet
       stats = stats if stats is not None else {p.key: jnp.zeros((num_slots,), jnp.float32) for p in pools}
     else:
       stats = {}
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "values": values,
-             "opt": model_tx.init(params), "value_opt": value_opt, "stats": stats}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "values": values, "value_opt": value_opt,
+             "stats": stats}
     if method == "lora":
       lora = lora_init(model_cfg, params, ft.lora_rank, jax.random.key(train_cfg.seed))
-      state = {**state, "lora": lora, "opt": model_tx.init(lora)}
-    return state
+      return {**state, "lora": lora, "opt": model_tx.init(lora)}
+    return {**state, "opt": model_tx.init(params)}
 
   def effective(state):
     """The parameters the model runs with: the base, plus the adapters with "lora"."""
