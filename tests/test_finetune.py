@@ -13,7 +13,8 @@ from helpers import checkpoint_tree, one_error_line, random_batch, tiny_config, 
 from memjax.config import FinetuneConfig
 from memjax.config_bridge import config_from_dict
 from memjax.train import main as cli
-from memjax.train.finetune import (background_df, load_source_params, merge_model_config, read_source, select_slots, slot_reads,
+from memjax.train.finetune import (background_df, load_source_params, merge_model_config, read_source, select_slots,
+                                   slot_reads,
                                    start_from_source, tfidf_scores)
 from memjax.train.loop import run
 from memjax.train.step import jit_steps, make_step_fns
@@ -176,7 +177,8 @@ def test_lora_has_the_stated_parameter_count_starts_equal_and_trains_only_adapte
   m = cfg.model
   c, hd, f, r = m.dim, m.num_heads * m.head_dim, m.mlp_dim, 3
   # 4 attention matrices per block (wq, wk, wv: C -> N*Dh; wo: N*Dh -> C), 3 SwiGLU matrices per dense block
-  want = m.num_layers * 4 * r * (c + hd) + sum(m.block_kind(i) == "dense" for i in range(m.num_layers)) * 3 * r * (c + f)
+  dense = sum(m.block_kind(i) == "dense" for i in range(m.num_layers))
+  want = m.num_layers * 4 * r * (c + hd) + dense * 3 * r * (c + f)
   assert lora_param_count(m, r) == want
   base_steps = jit_steps(make_step_fns(m, cfg.train), _mesh(), "column")
   steps = jit_steps(make_step_fns(m, cfg.train, finetune=ft), _mesh(), "column")

@@ -197,8 +197,9 @@ def with_source_tokenizer(cfg: Config, source: "Source") -> Config:
   tokenizer raises ``ConfigError`` naming it."""
   saved, given = source.config.data.tokenizer, cfg.data.tokenizer
   if given not in (DataConfig().tokenizer, saved):
-    raise ConfigError("data", "tokenizer", given, f"differs from {saved!r}, the tokenizer of finetune.init_from: "
-                                                  "finetuning reads its data with the model's tokenizer (leave it unset)")
+    raise ConfigError("data", "tokenizer", given,
+                      f"differs from {saved!r}, the tokenizer of finetune.init_from: finetuning reads its data with "
+                      "the model's tokenizer (leave it unset)")
   spec = saved
   if saved == "bpe":
     from memjax.data.pipeline import tokenizer_for
