@@ -14,8 +14,7 @@ from memjax.config import FinetuneConfig
 from memjax.config_bridge import config_from_dict
 from memjax.train import main as cli
 from memjax.train.finetune import (background_df, load_source_params, merge_model_config, read_source, select_slots,
-                                   slot_reads,
-                                   start_from_source, tfidf_scores)
+                                   slot_reads, start_from_source, tfidf_scores)
 from memjax.train.loop import run
 from memjax.train.step import jit_steps, make_step_fns
 
