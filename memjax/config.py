@@ -757,6 +757,60 @@ class EvalConfig(_Checked):
     self._ints("qa_max_answer_tokens", "qa_seq_len", "eval_batches", low=0)
 
 
+FINETUNE_METHODS = ("full", "memory", "smf", "lora")
+FINETUNE_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(_Checked):
+  """``config.finetune``: continue from a trained model (``memjax.train.finetune``).
+
+  Attributes:
+    init_from: a workdir (its latest checkpoint) or an export directory (``<workdir>/export``). The
+      run takes its model config from there, starts from those parameters with a fresh optimizer
+      state, and trains on its own ``data``. ``None``: train from scratch.
+    method: ``None`` (with ``init_from``: a warm start under the ``train`` optimizer), "full" (every
+      parameter trains), "memory" (every value row, nothing else) or "smf" (sparse memory
+      finetuning: per step only the ``top_t`` slots of each value pool with the highest tf-idf of
+      the batch's reads against the background reads) or "lora" (rank-``lora_rank`` adapters on the
+      attention and dense FFN matrices, every base parameter frozen); all use ``optimizer`` at ``lr``.
+    top_t: slots updated per step and value pool with "smf".
+    optimizer: "sgd" or "adam" (no clipping, no weight decay, constant ``lr``).
+    lr: the finetuning learning rate.
+    lora_rank: the adapters' rank r with "lora" (``W + A B``, A [in, r], B [r, out], B = 0 at the start).
+    background_batches: batches of the ``init_from`` run's own training data whose reads give the
+      document frequency of each slot ("smf"), computed once and saved in the workdir.
+
+  Example:
+    >>> FinetuneConfig(init_from="runs/default", method="smf", top_t=500).optimizer
+    'sgd'
+    >>> FinetuneConfig(init_from="runs/default", method="smf", top_t=0)
+    Traceback (most recent call last):
+    ...
+    memjax.config.ConfigError: FinetuneConfig.top_t=0 must be a positive int
+  """
+
+  init_from: str | None = None
+  method: str | None = None
+  top_t: int = 500
+  optimizer: str = "sgd"
+  lr: float = 0.1
+  background_batches: int = 16
+  lora_rank: int = 8
+
+  def __post_init__(self):
+    if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+      self._fail("init_from", "must be None (train from scratch) or a workdir / export directory")
+    if self.method is not None:
+      self._choice("method", FINETUNE_METHODS, what="is not a finetuning method")
+    self._ints("top_t", "background_batches", "lora_rank")
+    self._choice("optimizer", FINETUNE_OPTIMIZERS)
+    self._floats("lr", strict=True)
+    if self.method is not None and self.init_from is None:
+      self._fail("init_from", f"must name a workdir or an export directory when method={self.method!r} "
+                              "(finetuning starts from a trained model)")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig(_Checked):
   """How ``memjax.generation.generate_text`` and ``python -m memjax.generate`` continue a prompt (not
@@ -792,7 +846,7 @@ class GenerateConfig(_Checked):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything a run needs: ``config.{model, train, mesh, data, eval}``.
+  """Everything a run needs: ``config.{model, train, mesh, data, eval, finetune}``.
 
   ``configs/*.py`` describe it as an ``ml_collections.ConfigDict``; ``memjax.config_bridge`` converts
   in both directions.
@@ -807,6 +861,7 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   data: DataConfig = DataConfig()
   eval: EvalConfig = EvalConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
 
   def with_vocab(self, vocab_size: int) -> "Config":
     """This config with ``model.vocab_size`` set (the tokenizer's size, when the config says 0)."""

@@ -4,6 +4,7 @@
   loop.py        run(config, workdir): the loop, signals, logging, resume
   evaluate.py    validation loss, memory usage, QA exact match
   checkpoint.py  Orbax save / restore / export, and the restore policy (fallback, quarantine)
+  finetune.py    config.finetune: starting from a trained run, sparse memory finetuning (tf-idf slots), LoRA
   main.py        the train.py command: flags, overrides, distributed init, exit codes
   errors.py      TrainingError, Interrupted
 """

@@ -202,6 +202,12 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
     raise ConfigError("train", "microbatches", tc.microbatches,
                       f"leaves {tc.batch_size // tc.microbatches} rows per microbatch, which must be divisible by "
                       f"mesh.data * mesh.fsdp = {batch_shards}")
+  source = None
+  if cfg.finetune.init_from is not None:  # before anything is written: the model comes from there
+    from memjax.train.finetune import check_finetune, merge_model_config, read_source, with_source_tokenizer
+    source = read_source(cfg.finetune.init_from)
+    cfg = with_source_tokenizer(merge_model_config(cfg, source.config), source)
+    check_finetune(cfg)
   created = not os.path.exists(workdir)
   check_workdir(workdir)
   try:
@@ -212,12 +218,16 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
       distributed.barrier("memjax_data_prepared")
     pipe = make_pipeline(cfg.data, seq_len=tc.seq_len, batch_size=tc.batch_size // nproc,
                          qa_jsonl=cfg.eval.qa_jsonl, process_index=pidx, process_count=nproc)
+    if source is not None and pipe.tokenizer.vocab_size != cfg.model.vocab_size:
+      raise ConfigError("data", "tokenizer", cfg.data.tokenizer,
+                        f"gives a vocabulary of {pipe.tokenizer.vocab_size} ids; the model of finetune.init_from "
+                        f"has {cfg.model.vocab_size}: use the tokenizer it was trained with")
   except ValueError:  # bad data input (DataError): leave no trace of a workdir this run created
     if created and os.path.isdir(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)
     raise
   cfg = cfg.with_vocab(pipe.tokenizer.vocab_size)  # the tokenizer decides (model.vocab_size is for the planner)
-  steps = jit_steps(make_step_fns(cfg.model, tc), mesh, cfg.model.memory.value_sharding)
+  steps = jit_steps(make_step_fns(cfg.model, tc, finetune=cfg.finetune), mesh, cfg.model.memory.value_sharding)
 
   ckpt = Checkpointer(workdir, max_to_keep=tc.max_checkpoints, asynchronous=tc.async_checkpoint)
   config_json = config_to_dict(cfg)
@@ -236,6 +246,11 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
         ckpt.close()
         raise
     print(f"resumed from {ckpt.directory}/{start}", flush=True)
+  elif source is not None:
+    from memjax.train.finetune import start_from_source
+    start = 0
+    state = start_from_source(cfg, source, steps, workdir)
+    print(f"finetuning from {source.path} ({source.kind}), method {cfg.finetune.method or 'train'}", flush=True)
   else:
     start = 0
     state = steps.init(tc.seed)
@@ -336,7 +351,9 @@ def _run(cfg: Config, workdir: str, mesh, *, progress: bool, max_steps: int | No
       last = {**last, **ev}
       # Every process takes part: Orbax's save of sharded arrays is collective (process 0 alone would
       # wait for the others forever); process 0 alone writes config.json.
-      export_params(os.path.join(workdir, "export"), state["params"], state["values"], config_json)
+      merged = steps.fns.merged_params  # "lora": the base with its adapters folded in
+      params_out = state["params"] if merged is None else jax.jit(merged)(state)
+      export_params(os.path.join(workdir, "export"), params_out, state["values"], config_json)
       if pidx == 0:  # the export is self-contained: generation needs no data directory
         pipe.tokenizer.save(os.path.join(workdir, "export", "tokenizer"))
     return RunResult(final_step, last, workdir)
@@ -392,7 +409,7 @@ def _handle_metrics(pending, tc, logger: _Logger, bar) -> dict:
       bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_s']:,.0f}", refresh=False)
   if host.pop("_log", False):
     record = {"step": step, **{k: host[k] for k in ("loss", "ce", "moe_loss", "grad_norm", "value_grad_norm",
-                                                   "lr", "value_lr", "tokens_per_s") if k in host}}
+                                                   "lr", "value_lr", "tokens_per_s", "slots_updated") if k in host}}
     if not host.get("finite", 1.0):
       record["skipped"] = True
     logger.write(record)

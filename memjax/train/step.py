@@ -6,6 +6,12 @@ The train state is a dict pytree:
   values     nnx.State                      the value tables (``MemoryValue``), one per pool
   opt        optax state for ``params``
   value_opt  optax state (dense) or ``{pool key: SparseAdamState}`` (sparse) for ``values``
+  stats      finetuning only (``config.finetune.method`` set): ``{pool key: df [M] float32}``, the
+             background document frequencies of sparse memory finetuning (``{}`` for other methods)
+
+With a finetuning method (``memjax.train.finetune``) ``opt`` is the finetune optimizer's state of the
+parameters ("full") or empty ("memory", "smf": the parameters are frozen), and ``value_opt`` is
+``{pool key: SparseAdamState}`` (adam) or ``{}`` (sgd); the value gradient is dense.
 
 ``make_step_fns`` returns the pure functions (``StepFns``); ``jit_steps`` jits them once for a mesh
 with explicit in/out shardings and a donated state: the training loop, the ahead-of-time compile
@@ -26,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from memjax import sharding
-from memjax.config import ModelConfig, TrainConfig
+from memjax.config import FinetuneConfig, ModelConfig, TrainConfig
 from memjax.data.pipeline import BATCH_DTYPES
 from memjax.kernels.embedding_bag import embedding_bag_row_grads
 from memjax.model import LM, Pool, merge_model, split_model, value_pools
@@ -73,7 +79,8 @@ class StepFns:
   """What ``make_step_fns`` builds: the model's graph and pools, the optimizers and the pure steps.
 
   sparse: the value tables are updated row-sparsely (``value_opt`` holds ``SparseAdamState``s and
-  ``value_tx`` is None); otherwise ``value_tx`` is the dense optax chain.
+  ``value_tx`` is None); otherwise ``value_tx`` is the dense optax chain. finetune: the finetuning
+  method (``config.finetune.method``) or None; with one, ``value_tx`` is None and ``sparse`` False.
   """
 
   graphdef: Any
@@ -82,18 +89,25 @@ class StepFns:
   model_tx: optax.GradientTransformation
   value_tx: optax.GradientTransformation | None
   init: Any  # rng seed -> state
+  start: Any  # (params, values, stats) -> state with a fresh optimizer state
   grads: Any  # (state, batch) -> (loss, LossAux, param grads, value grads)
   train_step: Any  # (state, batch) -> (state, metrics)
   eval_step: Any  # (state, batch) -> {"ce", "tokens", "lookups"}
   logits: Any  # (state, tokens [B, T] int32) -> logits [B, T, V] fp32
+  finetune: str | None = None
+  merged_params: Any = None  # state -> the parameters to export ("lora": base + adapters); None: params
 
 
 def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-                  update_chunk_rows: int = UPDATE_CHUNK_ROWS) -> StepFns:
+                  update_chunk_rows: int = UPDATE_CHUNK_ROWS, finetune: FinetuneConfig | None = None) -> StepFns:
   """Builds the pure init / train / eval functions for one model and optimizer configuration.
 
-  ``update_chunk_rows``: rows per step of the sharded sparse Adam loop (``optim``).
+  ``update_chunk_rows``: rows per step of the sharded sparse Adam loop (``optim``). ``finetune``: a
+  ``FinetuneConfig`` whose ``method`` (if set) replaces the training step by the finetuning step.
   """
+  method = finetune.method if finetune is not None else None
+  if method is not None:
+    return _finetune_step_fns(model_cfg, train_cfg, finetune)
   sparse = model_cfg.memory.row_sparse
   num_slots = model_cfg.memory.layer.num_slots
   backend = model_cfg.memory.backend
@@ -118,15 +132,18 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
   pools = value_pools(abstract)
   readers = len(abstract.memory_blocks)
 
-  def init(seed):
-    model = LM(model_cfg, backend=backend, rngs=nnx.Rngs(jax.random.key(seed)))
-    _, params, values = split_model(model)
+  def start(params, values, stats=None):
     if sparse:
       value_opt = {p.key: sparse_adam_init(_get(values, p.path)[...]) for p in pools}
     else:
       value_opt = value_tx.init(values)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "values": values,
             "opt": model_tx.init(params), "value_opt": value_opt}
+
+  def init(seed):
+    model = LM(model_cfg, backend=backend, rngs=nnx.Rngs(jax.random.key(seed)))
+    _, params, values = split_model(model)
+    return start(params, values)
 
   def forward(params, values, batch, taps):
     model = merge_model(graphdef, params, values)
@@ -262,7 +279,150 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
   def logits(state, tokens_BxT):
     return merge_model(graphdef, state["params"], state["values"])(tokens_BxT)[0]
 
-  return StepFns(graphdef, pools, sparse, model_tx, value_tx, init, grads, train_step, eval_step, logits)
+  return StepFns(graphdef, pools, sparse, model_tx, value_tx, init, start, grads, train_step, eval_step, logits)
+
+
+def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: FinetuneConfig) -> StepFns:
+  """``make_step_fns`` for ``ft.method`` in ("full", "memory", "smf", "lora"): the finetune optimizer
+  (``ft.optimizer`` at the constant ``ft.lr``; Adam with ``train.b1, b2, eps``; no clip or decay),
+  dense value gradients, for "smf" the row mask of ``finetune.select_slots`` per pool, for "lora" the
+  adapters ``state["lora"]`` (``finetune.lora_init``) as the only trained parameters."""
+  from memjax.train.finetune import lora_init, lora_merge, select_slots, slot_reads
+
+  method, lr = ft.method, ft.lr
+  num_slots = model_cfg.memory.layer.num_slots
+  backend = model_cfg.memory.backend
+  if model_cfg.memory.row_sparse and backend == "auto":
+    backend = "xla"
+  b1, b2, eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
+  if method in ("full", "lora"):  # "lora": the optimizer of the adapters
+    model_tx = optax.sgd(lr) if ft.optimizer == "sgd" else optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  else:
+    model_tx = optax.identity()  # frozen: no optimizer state
+  abstract = nnx.eval_shape(lambda: LM(model_cfg, backend=backend, rngs=nnx.Rngs(0)))
+  graphdef, _, _ = split_model(abstract)
+  pools = value_pools(abstract)
+
+  def start(params, values, stats=None):
+    value_opt = ({p.key: sparse_adam_init(_get(values, p.path)[...]) for p in pools}
+                 if ft.optimizer == "adam" and method in ("full", "memory", "smf") else {})
+    if method == "smf":
+      stats = stats if stats is not None else {p.key: jnp.zeros((num_slots,), jnp.float32) for p in pools}
+    else:
+      stats = {}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "values": values, "value_opt": value_opt,
+             "stats": stats}
+    if method == "lora":
+      lora = lora_init(model_cfg, params, ft.lora_rank, jax.random.key(train_cfg.seed))
+      return {**state, "lora": lora, "opt": model_tx.init(lora)}
+    return {**state, "opt": model_tx.init(params)}
+
+  def effective(state):
+    """The parameters the model runs with: the base, plus the adapters with "lora"."""
+    return lora_merge(model_cfg, state["params"], state["lora"]) if method == "lora" else state["params"]
+
+  def init(seed):
+    _, params, values = split_model(LM(model_cfg, backend=backend, rngs=nnx.Rngs(jax.random.key(seed))))
+    return start(params, values)
+
+  def forward(params, values, batch):
+    model = merge_model(graphdef, params, values)
+    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    ce, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    lookups = [(r.indices, r.weights) for r in aux["memory"]]
+    return ce + aux["moe_loss"], LossAux(ce, aux["moe_loss"], count, lookups)
+
+  def grads(state, batch):
+    params, values = state["params"], state["values"]
+    if method == "lora":  # gradients of the adapters only; g_params are those of state["lora"]
+      (loss, aux), g_lora = jax.value_and_grad(
+          lambda lo: forward(lora_merge(model_cfg, params, lo), values, batch), has_aux=True)(state["lora"])
+      return loss, aux, g_lora, None
+    if method == "full":
+      (loss, aux), (g_params, g_values) = jax.value_and_grad(forward, argnums=(0, 1), has_aux=True)(
+          params, values, batch)
+    else:
+      (loss, aux), g_values = jax.value_and_grad(lambda v: forward(params, v, batch), has_aux=True)(values)
+      g_params = None
+    return loss, aux, g_params, g_values
+
+  def row_masks(state, aux, batch):
+    """``{pool key: [M] bool}``: the slots that may change this step (None: every slot)."""
+    if method != "smf":
+      return {p.key: None for p in pools}
+    out = {}
+    for p in pools:
+      reads = slot_reads([aux.lookups[j][0] for j in p.readers], batch["loss_mask"], num_slots)
+      out[p.key] = select_slots(reads, state["stats"][p.key], ft.background_batches, ft.top_t)
+    return out
+
+  def train_step(state, batch):
+    loss, aux, g_params, g_values = grads(state, batch)
+    masks = row_masks(state, aux, batch)
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(state["values"])}
+    g_flat = {tuple(p): v for p, v in nnx.to_flat_state(g_values)} if g_values is not None else {}
+    new_value_opt, sq_norm, updated = {}, 0.0, 0
+    for p in (pools if g_values is not None else ()):
+      table, g = flat[p.path][...], g_flat[p.path][...].astype(jnp.float32)
+      rows = masks[p.key]
+      if rows is not None:
+        g = jnp.where(rows[:, None], g, 0.0)
+        updated = updated + jnp.sum(rows.astype(jnp.int32))
+      sq_norm = sq_norm + jnp.sum(jnp.square(g))
+      if ft.optimizer == "adam":
+        st = state["value_opt"][p.key]
+        count = st.count + 1
+        mu = b1 * st.mu + (1.0 - b1) * g
+        nu = b2 * st.nu + (1.0 - b2) * g * g
+        tf = count.astype(jnp.float32)
+        step_ = lr * (mu / (1.0 - b1**tf)) / (jnp.sqrt(nu / (1.0 - b2**tf)) + eps)
+        if rows is not None:  # lazy: the moments of rows not selected stay as they were
+          mu, nu = jnp.where(rows[:, None], mu, st.mu), jnp.where(rows[:, None], nu, st.nu)
+        new_value_opt[p.key] = SparseAdamState(mu, nu, count)
+      else:
+        step_ = lr * g
+      new = (table.astype(jnp.float32) - step_).astype(table.dtype)
+      if rows is not None:
+        new = jnp.where(rows[:, None], new, table)  # bitwise: rows not selected are not touched
+      flat[p.path] = flat[p.path].replace(new)
+    new_values = nnx.from_flat_state(flat) if g_values is not None else state["values"]
+    value_grad_norm = jnp.sqrt(sq_norm)
+    extra = {}
+    if method == "lora":
+      grad_norm = optax.tree.norm(g_params)
+      updates, new_opt = model_tx.update(g_params, state["opt"], state["lora"])
+      extra = {"lora": optax.apply_updates(state["lora"], updates)}
+      new_params = state["params"]
+    elif g_params is not None:
+      grad_norm = optax.tree.norm(g_params)
+      updates, new_opt = model_tx.update(g_params, state["opt"], state["params"])
+      new_params = optax.apply_updates(state["params"], updates)
+    else:
+      grad_norm, new_opt, new_params = jnp.zeros(()), state["opt"], state["params"]
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(value_grad_norm)
+    new_state = {"step": state["step"] + 1, "params": new_params, "values": new_values, "opt": new_opt,
+                 "value_opt": new_value_opt, "stats": state["stats"], **extra}
+    if train_cfg.nan_policy == "skip":
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = {**new_state, **{k: keep(new_state[k], state[k]) for k in ("params", "values", "opt", "value_opt",
+                                                                              *extra)}}
+    lr_now = jnp.asarray(lr, jnp.float32)
+    metrics = {"loss": loss, "ce": aux.ce, "moe_loss": aux.moe_loss, "grad_norm": grad_norm,
+               "value_grad_norm": value_grad_norm, "lr": lr_now if method in ("full", "lora") else jnp.zeros(()),
+               "value_lr": lr_now if method != "lora" else jnp.zeros(()), "tokens": aux.tokens, "finite": finite}
+    if method == "smf":
+      metrics["slots_updated"] = updated
+    return new_state, metrics
+
+  def eval_step(state, batch):
+    _, aux = forward(effective(state), state["values"], batch)
+    return {"ce": aux.ce, "tokens": aux.tokens, "lookups": aux.lookups}
+
+  def logits(state, tokens_BxT):
+    return merge_model(graphdef, effective(state), state["values"])(tokens_BxT)[0]
+
+  return StepFns(graphdef, pools, False, model_tx, None, init, start, grads, train_step, eval_step, logits,
+                 finetune=method, merged_params=effective if method == "lora" else None)
 
 
 # ----- sharding of the state and the one jit ----------------------------------------------------------
@@ -280,15 +440,22 @@ def state_shardings(fns: StepFns, abstract_state, mesh: Mesh, rules: dict):
                                  transform_non_params=lambda _: rep,
                                  is_leaf=lambda x: isinstance(x, (nnx.Variable, NamedSharding)))
 
-  opt_sh = like_params(fns.model_tx, abstract_state["opt"], params_sh)
-  if fns.sparse:
+  lora_sh = jax.tree.map(lambda _: rep, abstract_state["lora"]) if "lora" in abstract_state else None
+  opt_sh = like_params(fns.model_tx, abstract_state["opt"], params_sh if lora_sh is None else lora_sh)
+  if fns.sparse or fns.finetune is not None:
     value_opt_sh = {}
     for pool in fns.pools:
       table_sh = _get(values_sh, pool.path)
-      value_opt_sh[pool.key] = SparseAdamState(table_sh, table_sh, rep)
+      if pool.key in abstract_state["value_opt"]:
+        value_opt_sh[pool.key] = SparseAdamState(table_sh, table_sh, rep)
   else:
     value_opt_sh = like_params(fns.value_tx, abstract_state["value_opt"], values_sh)
-  return {"step": rep, "params": params_sh, "values": values_sh, "opt": opt_sh, "value_opt": value_opt_sh}
+  out = {"step": rep, "params": params_sh, "values": values_sh, "opt": opt_sh, "value_opt": value_opt_sh}
+  if "stats" in abstract_state:
+    out["stats"] = {k: rep for k in abstract_state["stats"]}
+  if lora_sh is not None:
+    out["lora"] = lora_sh
+  return out
 
 
 def with_shardings(abstract_tree, shardings):
@@ -317,6 +484,7 @@ class Steps:
   train: Any
   eval: Any
   logits: Any
+  start: Any = None
 
   def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
     """ShapeDtypeStructs of a global batch (for ``.trace(...).lower()``)."""
@@ -342,7 +510,8 @@ def jit_steps(fns: StepFns, mesh: Mesh, value_sharding: str) -> Steps:
       train=jax.jit(fns.train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
                     donate_argnums=0),
       eval=jax.jit(fns.eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep),
-      logits=jax.jit(fns.logits, in_shardings=(state_sh, rep), out_shardings=rep))
+      logits=jax.jit(fns.logits, in_shardings=(state_sh, rep), out_shardings=rep),
+      start=jax.jit(fns.start, out_shardings=state_sh))
 
 
 def compile_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh_sizes: dict, *, devices=None,
