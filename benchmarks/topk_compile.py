@@ -101,7 +101,10 @@ def main(argv=None):
   from memjax.scale.targets import get
   targets = [t for t in args.targets.split(",") if t]
   for t in targets:
-    get(t)  # ValueError naming the known targets
+    try:
+      get(t)
+    except ValueError as e:
+      p.error(f"--targets: {e}")
   shape = (args.tokens, args.heads, args.n, args.k, args.key_dim)
   if args.here:
     print(json.dumps(compile_here(targets, *shape)))
