@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax.config import Config, ConfigError, DataConfig
-from memjax.config_bridge import config_from_dict, config_to_dict, shape_fields
+from memjax.config_bridge import _leaves_of, config_from_dict, config_to_dict, shape_fields
 
 BACKGROUND_FILE = os.path.join("finetune", "background_df.npz")
 
@@ -151,7 +151,7 @@ def merge_model_config(cfg: Config, saved: Config) -> Config:
   default) is kept, unless it is a field that fixes array shapes (``shape_fields``) and differs from
   the saved value: then ``ConfigError`` names it. ``model.vocab_size`` always comes from ``saved``.
   """
-  default, now, old = (_flat(config_to_dict(c)["model"]) for c in (Config(), cfg, saved))
+  default, now, old = (_leaves_of(config_to_dict(c)["model"], "") for c in (Config(), cfg, saved))
   shapes = {k[len("model."):] for k in shape_fields(saved)}
   merged = {}
   for key, value in old.items():
@@ -167,16 +167,6 @@ def merge_model_config(cfg: Config, saved: Config) -> Config:
   raw = config_to_dict(cfg)
   raw["model"] = _unflat(merged)
   return config_from_dict(raw)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _unflat(flat: dict) -> dict:

@@ -112,7 +112,8 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
   num_slots = model_cfg.memory.layer.num_slots
   backend = model_cfg.memory.backend
   layer = model_cfg.memory.layer
-  lookups = train_cfg.batch_size * train_cfg.seq_len * layer.heads * layer.k * len(model_cfg.memory.layers)
+  table_readers = len(model_cfg.memory.layers) if model_cfg.memory.shared else 1
+  lookups = train_cfg.batch_size * train_cfg.seq_len * layer.heads * layer.k * table_readers
   if sparse and backend == "auto" and lookups < num_slots:
     # The sparse step updates the donated table in place. An opaque kernel (custom call) that reads
     # the table makes XLA copy the whole table first (O(slots) per step, measured); XLA's own
