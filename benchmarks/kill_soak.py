@@ -14,7 +14,8 @@
    fraction of a step). Trials repeat until ``--kills`` kills happened.
    With ``--processes=2`` the kill hits one process, chosen at random; the other must exit by itself
    with code 1 and one ``error:`` line naming the lost process within ``--lost_process_timeout`` + 15 s
-   (the survivor's exit is timed and checked), then both are restarted with the same commands.
+   (the survivor's exit is timed and checked; a survivor whose run had already finished when its peer
+   was killed may exit 0), then both are restarted with the same commands.
 3. Every finished trial is compared with the reference: the loss of every logged step (bit-for-bit),
    no duplicate or torn lines in ``metrics.jsonl``, and every array of the final checkpoint.
 
@@ -147,14 +148,21 @@ def _attempt(cmds, workdir, rng, kill: bool, max_delay: float, args):
 
 
 def _survivor_ok(codes, victim, errs, survivor_s, args) -> tuple[bool, str]:
-  """A survivor exits 1, by itself, in time, with one error line naming the victim and no stack dump."""
+  """A survivor exits 1, by itself, in time, with one error line naming the victim and no stack dump;
+  or exits 0 because its run had already finished when its peer was killed (a kill at the very end)."""
   for i, (code, err) in enumerate(zip(codes, errs)):
     if i == victim:
       continue
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.startswith("error: ")]
-    named = f"process {victim}" in lines[0] if lines else False
-    if code != 1 or len(lines) != 1 or not named or "@ 0x" in err or "Traceback" in err:
-      return False, f"process {i}: exit {code}; {lines[-1] if lines else err.strip().splitlines()[-1:]}"
+    if code == 0 and not lines:
+      continue
+    problems = [what for what, bad in (
+        (f"exit {code}", code != 1), (f"{len(lines)} error lines", len(lines) != 1),
+        (f"the line does not name process {victim}", bool(lines) and f"process {victim}" not in lines[0]),
+        ("a stack dump", "@ 0x" in err), ("a traceback", "Traceback" in err)) if bad]
+    if problems:
+      tail = " | ".join(err.strip().splitlines()[-4:])
+      return False, f"process {i}: {', '.join(problems)}; stderr ends: {tail[-600:]}"
   if survivor_s > args.lost_process_timeout + 15:
     return False, f"survivor took {survivor_s:.1f} s"
   return True, ""

@@ -14,6 +14,8 @@ makes that a clean, bounded event:
     that cannot be reached (process 0 hosts it: it is gone), is a lost process. The watchdog then
     prints one line naming it and ends this process with exit code 1 at once (``os._exit``: the
     survivor would otherwise wait inside a collective, an Orbax barrier or the shutdown barrier).
+    On CPU meshes an abort inside the collectives library (gloo throws from one of its threads when
+    a peer dies mid-transfer) is held (``abort_hold.c``) until the watchdog has named the peer.
     A checkpoint being written is never finalised by a survivor (Orbax finalises a step only after
     every process wrote its part), so restarting every process resumes from the newest complete one.
 ``stop_requested(step)``
@@ -28,8 +30,13 @@ Single-process runs use none of it (every function is a no-op or the identity th
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
+import pathlib
+import shutil
+import subprocess
 import signal
 import sys
 import threading
@@ -72,22 +79,41 @@ class Watchdog(threading.Thread):
     self.process_index, self.process_count, self.lost_after = process_index, process_count, lost_after
     self._stop_event = threading.Event()
     self.lost: tuple[int, str] | None = None
+    self._round_done = time.monotonic()  # when the last round of store calls completed
+    self._last_change: dict[int, float] = {}  # peer -> when its counter last moved
 
-  def _lose(self, peer: int, why: str) -> None:
+  def _lose(self, peer: int | None, why: str) -> None:
     self.lost = (peer, why)
+    who = f"process {peer} of {self.process_count}" if peer is not None else "another process of the run"
     if _finishing.is_set():
-      _say_and_exit(f"error: process {peer} of {self.process_count} was lost ({why}) while the run was ending; "
+      _say_and_exit(f"error: {who} was lost ({why}) while the run was ending; "
                     f"process {self.process_index} had finished it. Restart every process with the same command "
                     "to finish it on all of them")
-    _say_and_exit(f"error: process {peer} of {self.process_count} was lost ({why}); process {self.process_index} "
+    _say_and_exit(f"error: {who} was lost ({why}); process {self.process_index} "
                   "stops without saving. Restart every process with the same command: the run resumes from the "
                   "newest checkpoint all processes finished")
+
+  def _deadline(self) -> None:
+    """A store call can hang (a service stuck on a lost peer, or a dead process 0 that gRPC keeps
+    retrying for minutes): a round of heartbeats that does not complete within ``lost_after`` is a
+    lost process too. Process 0's own service stuck names the peer heard from least recently."""
+    while not self._stop_event.wait(HEARTBEAT_SECONDS):
+      stuck = time.monotonic() - self._round_done
+      if stuck <= self.lost_after:
+        continue
+      why = f"the coordination service did not answer for {stuck:.0f} s"
+      if self.process_index != 0:
+        self._lose(0, why)
+      peers = sorted((t, p) for p, t in self._last_change.items())
+      quiet = [p for t, p in peers if t == peers[0][0]] if peers else []
+      self._lose(quiet[0] if len(quiet) == 1 and len(peers) == self.process_count - 1 else None, why)
 
   def run(self) -> None:
     client = _client()
     seen: dict[int, tuple[str, float]] = {}
     started = time.monotonic()
     beat = 0
+    threading.Thread(target=self._deadline, name="memjax-watchdog-deadline", daemon=True).start()
     while not self._stop_event.wait(HEARTBEAT_SECONDS if beat else 0):
       beat += 1
       try:
@@ -110,8 +136,10 @@ class Watchdog(threading.Thread):
         last = seen.get(peer)
         if value is not None and (last is None or last[0] != value):
           seen[peer] = (value, now)
+          self._last_change[peer] = now
         elif now - (last[1] if last else started) > self.lost_after:
           self._lose(peer, f"no heartbeat for {self.lost_after:.0f} s")
+      self._round_done = time.monotonic()
 
   def stop(self) -> None:
     self._stop_event.set()
@@ -136,9 +164,45 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
   if jax.process_count() > 1:
     _watchdog = Watchdog(jax.process_index(), jax.process_count(), lost_after)
     _watchdog.start()
+    if jax.devices()[0].platform == "cpu":  # gloo carries the collectives
+      hold = lost_after + 2 * HEARTBEAT_SECONDS + 5
+      hold_aborts(hold, f"error: process {jax.process_index()} of {jax.process_count()} aborted inside a "
+                  f"collective (the collectives library's message is above) and no process was found lost within "
+                  f"{hold:.0f} s; it stops without saving. Restart every process with the same command: the run "
+                  "resumes from the newest checkpoint all processes finished")
     # SIGINT (Ctrl-C on one host) becomes a stop request like SIGTERM: the preemption sync manager
     # then stops every process at the same step.
     signal.signal(signal.SIGINT, _on_sigint)
+
+
+_ABORT_HOLD_SOURCE = pathlib.Path(__file__).with_name("abort_hold.c")
+
+
+def hold_aborts(seconds: float, line: str) -> bool:
+  """Makes SIGABRT park the aborting thread for up to ``seconds`` (the watchdog ends the process
+  first if a peer was lost), then print ``line`` and exit with code 1. Builds ``abort_hold.c`` with
+  the system C compiler once (cached beside the CPU kernels); returns False, changing nothing, where
+  that is not possible."""
+  from memjax.kernels import cpu
+  cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+  if cc is None or not _ABORT_HOLD_SOURCE.exists():
+    return False
+  source = _ABORT_HOLD_SOURCE.read_bytes()
+  path = cpu.cache_dir() / f"memjax_abort_hold_{hashlib.sha256(source + cc.encode()).hexdigest()[:16]}.so"
+  try:
+    if not path.exists():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(f".{os.getpid()}.tmp")
+      proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", str(_ABORT_HOLD_SOURCE), "-o", str(tmp)],
+                            capture_output=True, timeout=120)
+      if proc.returncode != 0:
+        return False
+      os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    lib.memjax_hold_aborts.argtypes = [ctypes.c_double, ctypes.c_char_p]
+    return lib.memjax_hold_aborts(float(seconds), (line.rstrip() + "\n").encode()) == 0
+  except (OSError, subprocess.SubprocessError, AttributeError):
+    return False
 
 
 def _on_sigint(signum, frame) -> None:

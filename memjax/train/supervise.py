@@ -5,8 +5,9 @@ aborts at once from C++ (``LOG(FATAL)``: SIGABRT, exit 134, a stack dump), befor
 can run, and JAX offers no Python hook for it. So with several processes ``train.py`` runs the
 training in a child process (``python -m memjax.train.main``, the same flags) and:
 
-* passes the child's stdout through untouched, and its stderr line by line, holding back the
-  coordination service's own log lines; when the child reports that the coordination service is
+* passes the child's stdout through untouched, and its stderr line by line (``StderrFilter``),
+  holding back the coordination service's own log lines and the C++ runtime's report of an abort
+  inside the collectives library (dropped when the watchdog then names a lost process); when the child reports that the coordination service is
   gone, the rest (the stack dump) is dropped and one line is printed instead, exit code 1;
 * forwards SIGTERM and SIGINT to the child (JAX's preemption sync manager then stops every process
   at the same step);
@@ -73,30 +74,61 @@ def _flag(argv: list[str], name: str) -> str:
   return "?"
 
 
+class StderrFilter:
+  """The child's stderr, line by line: what to print now (``feed``), and what is left at the end (``end``).
+
+  Holds back the coordination service's log lines (printed with the next ordinary line), sets
+  ``fatal`` at the coordination client's fatal abort (the rest is dropped), and holds the C++
+  runtime's "terminate called after throwing ..." block of an abort inside the collectives library
+  until it is known whether the watchdog names a lost process (then the block is dropped: the
+  verdict line says it all) or not (then it is printed)."""
+
+  def __init__(self):
+    self.held: list[bytes] = []
+    self.fatal = False
+    self._terminate = False  # the held lines include a C++ terminate block
+
+  def feed(self, line: bytes) -> list[bytes]:
+    if self.fatal:
+      return []
+    text = line.decode("utf-8", "replace")
+    if any(marker in text for marker in _FATAL):
+      self.fatal, self.held = True, []
+      return []
+    if text.startswith("terminate called after throwing"):
+      self._terminate = True
+      self.held.append(line)
+      return []
+    if _GLOG.match(text) or (self.held and (text.startswith(_CONTINUATION) or not text.strip())):
+      self.held.append(line)  # a coordination log line, or the continuation of one
+      return []
+    if self._terminate and text.startswith("error: ") and "was lost" in text:
+      self.held = []  # the watchdog's verdict explains the abort
+    out, self.held, self._terminate = self.held + [line], [], False
+    return out
+
+  def end(self) -> list[bytes]:
+    out, self.held = self.held, []
+    return out
+
+
 def supervise(argv: list[str]) -> int:
   """Runs ``argv``'s training in a child process; returns the exit code for ``train.py``."""
   child = subprocess.Popen([sys.executable, "-m", "memjax.train.main", *argv[1:]], stderr=subprocess.PIPE,
                            env={**os.environ, ENV: str(os.getpid())})
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: child.send_signal(signum))
-  held: list[bytes] = []
-  fatal = False
+  lines = StderrFilter()
   err = sys.stderr.buffer
   for line in iter(child.stderr.readline, b""):
-    if fatal:
-      continue
-    text = line.decode("utf-8", "replace")
-    if any(marker in text for marker in _FATAL):
-      fatal, held = True, []
+    was_fatal = lines.fatal
+    out = lines.feed(line)
+    if lines.fatal and not was_fatal:
       child.kill()
-      continue
-    if _GLOG.match(text) or (held and text.startswith(_CONTINUATION)):
-      held.append(line)  # a coordination log line, or the continuation of one
-      continue
-    err.writelines(held + [line])
-    held = []
+    err.writelines(out)
     err.flush()
   code = child.wait()
+  fatal, held = lines.fatal, lines.end()
   if fatal:
     me, count = _flag(argv, "process_id"), _flag(argv, "num_processes")
     if me != "0":
