@@ -8,7 +8,9 @@ ranked by the drop in the answer's log-probability when it alone is removed from
 the top ``m`` of them are removed together, and, as the control, ``--random_draws`` random sets of ``m``
 slots drawn from the same slots read at the answer; the answer *flips* when greedy decoding no longer
 gives it. ``m`` is 1% of the distinct slots read at the answer (at least 1), and also fixed sizes
-(``--sizes``); and, for scale, every slot read at the answer (the memory's whole read there). Prints flip rates (top-attributed vs random) and writes ``benchmarks/results/attribution.json``.
+(``--sizes``); and, for scale, every slot read at the answer (the memory's whole read there) and the
+memory off altogether (every slot read anywhere in prompt and answer, removed at every position): no
+choice of slots can flip more answers than that. Prints flip rates (top-attributed vs random) and writes ``benchmarks/results/attribution.json``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def main(argv=None):
                                 "random_logprob_drop": float(np.mean([att["logprob"] - s["logprob"] for s in scored[1:]]))}
     everything = mi.answer_with_slots_removed(model, tok, item.prompt, item.answer, [reads])[0]
     row["all_removed"] = {"flipped": not everything["correct"], "logprob_drop": att["logprob"] - everything["logprob"]}
+    # The memory off altogether: every slot read anywhere in prompt + answer removed at every position.
+    q_reads = mi.raw_reads(model, mi._question(tok, item.prompt, item.answer).tokens[None])
+    anywhere = sorted({(b, int(s)) for b, (idx, _) in q_reads.items() for s in idx.reshape(-1)})
+    off = mi.answer_with_slots_removed(model, tok, item.prompt, item.answer, [anywhere], at="all")[0]
+    row["memory_off"] = {"flipped": not off["correct"], "logprob_drop": att["logprob"] - off["logprob"]}
     facts.append(row)
     print(f"{len(facts):>3}/{args.facts} {item.prompt!r} -> {item.answer!r}: {len(reads)} slots read, "
           f"1% = {one_pct}: top flips {row['by_size'][str(one_pct)]['top_flipped']}, "
@@ -79,6 +86,8 @@ def main(argv=None):
       "random_flip_rate": float(np.mean([f["by_size"][str(f["one_percent"])]["random_flip_rate"] for f in facts]))}}
   summary["all"] = {"flip_rate": float(np.mean([f["all_removed"]["flipped"] for f in facts])),
                     "logprob_drop": float(np.mean([f["all_removed"]["logprob_drop"] for f in facts]))}
+  summary["memory_off"] = {"flip_rate": float(np.mean([f["memory_off"]["flipped"] for f in facts])),
+                           "logprob_drop": float(np.mean([f["memory_off"]["logprob_drop"] for f in facts]))}
   for m in sizes:
     summary[str(m)] = {"top_flip_rate": float(np.mean([f["by_size"][str(m)]["top_flipped"] for f in facts])),
                        "random_flip_rate": float(np.mean([f["by_size"][str(m)]["random_flip_rate"] for f in facts])),
@@ -93,6 +102,8 @@ def main(argv=None):
     label = f"{m} ({s['fraction_of_slots_read']:.1%})"
     print(f"{label:>18} {s['top_flip_rate']:>21.2f} {s['random_flip_rate']:>13.2f}")
   print(f"{'all slots read':>18} {summary['all']['flip_rate']:>21.2f} {'-':>13}  (the memory's whole read at the answer)")
+  print(f"{'memory off':>18} {summary['memory_off']['flip_rate']:>21.2f} {'-':>13}  (every read at every position: "
+        "the most any removal can flip)")
   meta = {"command": "python benchmarks/attribution.py " + " ".join(argv if argv is not None else sys.argv[1:]),
           "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}", "jax": jax.__version__,
           "workdir_step": step, "facts_tried": tried, "seconds": time.time() - t0}

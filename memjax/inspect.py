@@ -239,16 +239,21 @@ def _question(tokenizer, prompt: str, answer: str) -> _Question:
 
 
 def answer_with_slots_removed(model, tokenizer, prompt: str, answer: str,
-                              removed: Sequence[Sequence[tuple[int, int]]], *, chunk: int = 64) -> list[dict]:
+                              removed: Sequence[Sequence[tuple[int, int]]], *, chunk: int = 64,
+                              at: str = "answer") -> list[dict]:
   """For each set of ``(layer, slot)`` pairs: the answer's log-probability with those slots removed from
-  the read at the answer positions, and ``"correct"``: every answer token is still the argmax (greedy
-  decoding would still give the answer). An empty set is the unmodified model.
+  the read at the answer positions (``at="answer"``) or at every position of prompt and answer
+  (``at="all"``), and ``"correct"``: every answer token is still the argmax (greedy decoding would
+  still give the answer). An empty set is the unmodified model.
 
   Example:
     >>> base, without = answer_with_slots_removed(model, tok, "Mara was born in", "Lyon",
     ...                                           [[], [(2, 17), (2, 940)]])   # doctest: +SKIP
   """
+  if at not in ("answer", "all"):
+    raise ValueError(f"at={at!r}: must be 'answer' or 'all'")
   q = _question(tokenizer, prompt, answer)
+  where_T = q.positions if at == "answer" else np.ones_like(q.positions)
   graphdef, state = nnx.split(model)
   m = max([len(s) for s in removed] + [1])
   out = []
@@ -264,7 +269,7 @@ def answer_with_slots_removed(model, tokenizer, prompt: str, answer: str,
     tokens = np.broadcast_to(q.tokens, (pad_rows, len(q.tokens)))
     targets = np.broadcast_to(q.targets, tokens.shape)
     logp, hit = _masked_logprobs(graphdef, state, jnp.asarray(tokens), jnp.asarray(targets),
-                                 jnp.asarray(q.positions), jnp.asarray(slots), jnp.asarray(layers),
+                                 jnp.asarray(where_T), jnp.asarray(slots), jnp.asarray(layers),
                                  memory_blocks=tuple(model.memory_blocks))
     logp, hit = np.asarray(logp)[:rows], np.asarray(hit)[:rows]
     for r in range(rows):

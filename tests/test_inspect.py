@@ -47,11 +47,11 @@ def test_slots_read_per_position_sum_to_one_per_head(model):
     assert [r.weight for r in pos] == sorted((r.weight for r in pos), reverse=True)
 
 
-def _zeroed_rows_logprob(model, prompt, answer, rows):
+def _zeroed_rows_logprob(model, prompt, answer, rows, block=1):
   """Oracle: zero the rows in a copy of the value table and score the answer with the plain forward."""
   q = mi._question(TOK, prompt, answer)
   clone = nnx.clone(model)  # (nnx.merge of split state would share the Variables with ``model``)
-  table = clone.blocks[1].ffn.values.values
+  table = clone.blocks[block].ffn.values.values
   table[...] = table[...].at[jnp.asarray(rows, jnp.int32)].set(0.0)
   logp = np.asarray(jax_log_softmax(clone(jnp.asarray(q.tokens[None]))[0][0]))
   return float(logp[np.arange(len(q.tokens)), q.targets][q.positions].sum())
@@ -74,6 +74,24 @@ def test_removing_slots_equals_zeroing_their_rows(model):
     assert got["logprob"] == pytest.approx(want, abs=1e-4)
   assert scored[3]["logprob"] == pytest.approx(scored[0]["logprob"], abs=1e-6)  # an unread slot: no change
   assert scored[2]["logprob"] != pytest.approx(scored[0]["logprob"], abs=1e-3)
+
+
+def test_removing_slots_everywhere_equals_zeroing_their_rows():
+  # The memory in the first block: reads at the prompt's positions reach the answer through attention,
+  # so removal everywhere (at="all") is zeroing the rows, and differs from removal at the answer only.
+  cfg = ModelConfig(vocab_size=TOK.vocab_size, dim=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64,
+                    memory=LMMemoryConfig(layer=MEM, layers=(0,)))
+  first = LM(cfg, rngs=nnx.Rngs(1))
+  prompt, answer = "Mara was born in", "Lyon"
+  q = mi._question(TOK, prompt, answer)
+  idx, _ = mi.raw_reads(first, q.tokens[None])[0]
+  early = sorted({int(s) for s in idx[0][:3].reshape(-1)})  # read by the first three (prompt) positions
+  got_all, got_answer = (mi.answer_with_slots_removed(first, TOK, prompt, answer, [[(0, s) for s in early]], at=at)[0]
+                         for at in ("all", "answer"))
+  assert got_all["logprob"] == pytest.approx(_zeroed_rows_logprob(first, prompt, answer, early, block=0), abs=1e-4)
+  assert got_all["logprob"] != pytest.approx(got_answer["logprob"], abs=1e-4)
+  with pytest.raises(ValueError, match="at='prompt'"):
+    mi.answer_with_slots_removed(first, TOK, prompt, answer, [[]], at="prompt")
 
 
 def test_attribution_ranks_single_slot_removals(model):
