@@ -9,8 +9,9 @@ the top ``m`` of them are removed together, and, as the control, ``--random_draw
 slots drawn from the same slots read at the answer; the answer *flips* when greedy decoding no longer
 gives it. ``m`` is 1% of the distinct slots read at the answer (at least 1), and also fixed sizes
 (``--sizes``); and, for scale, every slot read at the answer (the memory's whole read there) and the
-memory off altogether (every slot read anywhere in prompt and answer, removed at every position): no
-choice of slots can flip more answers than that. Prints flip rates (top-attributed vs random) and writes ``benchmarks/results/attribution.json``.
+memory off altogether (every slot read anywhere in prompt and answer, removed at every position): how
+many answers need the memory at all. (Not a bound on the others: a read with its strongest slots
+removed can mislead more than no read.) Prints flip rates (top-attributed vs random) and writes ``benchmarks/results/attribution.json``.
 """
 
 from __future__ import annotations
@@ -102,8 +103,7 @@ def main(argv=None):
     label = f"{m} ({s['fraction_of_slots_read']:.1%})"
     print(f"{label:>18} {s['top_flip_rate']:>21.2f} {s['random_flip_rate']:>13.2f}")
   print(f"{'all slots read':>18} {summary['all']['flip_rate']:>21.2f} {'-':>13}  (the memory's whole read at the answer)")
-  print(f"{'memory off':>18} {summary['memory_off']['flip_rate']:>21.2f} {'-':>13}  (every read at every position: "
-        "the most any removal can flip)")
+  print(f"{'memory off':>18} {summary['memory_off']['flip_rate']:>21.2f} {'-':>13}  (every read at every position)")
   meta = {"command": "python benchmarks/attribution.py " + " ".join(argv if argv is not None else sys.argv[1:]),
           "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}", "jax": jax.__version__,
           "workdir_step": step, "facts_tried": tried, "seconds": time.time() - t0}
