@@ -14,6 +14,7 @@
    fraction of a step). Trials repeat until ``--kills`` kills happened.
    With ``--processes=2`` the kill hits one process, chosen at random; the other must exit by itself
    with code 1 and one ``error:`` line naming the lost process within ``--lost_process_timeout`` + 15 s
+   (``--startup_timeout`` is set to the same number of seconds, for kills before both connected)
    (the survivor's exit is timed and checked; a survivor whose run had already finished when its peer
    was killed may exit 0), then both are restarted with the same commands.
 3. Every finished trial is compared with the reference: the loss of every logged step (bit-for-bit),
@@ -52,7 +53,8 @@ def _commands(workdir: str, data_dir: str, args, port: int) -> list[list[str]]:
     return [base]
   return [base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={args.processes}",
                   f"--process_id={i}", f"--num_cpu_devices={8 // args.processes}",
-                  f"--lost_process_timeout={args.lost_process_timeout}"] for i in range(args.processes)]
+                  f"--lost_process_timeout={args.lost_process_timeout}",
+                  f"--startup_timeout={max(1, round(args.lost_process_timeout))}"] for i in range(args.processes)]
 
 
 def _tmp_dirs(path: str) -> list[str]:

@@ -115,6 +115,22 @@ def test_a_lost_process_ends_the_other_with_one_line_and_a_restart_is_exact(tmp_
   _assert_same_run(workdir, reference)
 
 
+@pytest.mark.parametrize("alone", [0, 1], ids=["coordinator_alone", "process1_alone"])
+def test_a_process_lost_before_start_up_ends_the_other_after_the_startup_timeout(tmp_path, data_dir, alone):
+  import portpicker
+  env = subprocess_env()
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, TRAIN_PY, *_flags(data_dir), f"--workdir={tmp_path / 'w'}", "--num_processes=2",
+         f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}", f"--process_id={alone}",
+         "--num_cpu_devices=4", "--startup_timeout=3"]
+  t0 = time.time()
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 1, out.stderr[-2000:]
+  line = one_error_line(out.stderr)
+  assert f"process {1 - alone}" in line and "was lost" in line, line
+  assert time.time() - t0 < 3 + 60  # the timeout, plus starting Python and JAX on a loaded machine
+
+
 def test_a_damaged_newest_checkpoint_falls_back_on_both_processes(tmp_path, data_dir, reference):
   workdir = tmp_path / "w"
   shutil.copytree(reference, workdir)

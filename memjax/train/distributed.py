@@ -159,8 +159,15 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # noqa: BLE001 - a peer never came up, or the coordinator is unreachable
-    _say_and_exit(f"error: the {num_processes or 'other'} processes of this run did not all connect within "
-                  f"{init_timeout} s ({' '.join(str(e).split())[:160]}); start every process with the same command")
+    why = " ".join(str(e).split())[:160]
+    if process_id not in (None, 0):
+      who = f"process 0 of {num_processes} (the coordinator, {coordinator_address}) was lost or never started"
+    elif process_id == 0 and num_processes == 2:
+      who = "process 1 of 2 was lost or never started"
+    else:
+      who = f"some of the {num_processes or 'other'} processes were lost or never started"
+    _say_and_exit(f"error: {who}: the processes of this run did not all connect within {init_timeout} s "
+                  f"(--startup_timeout; {why}); start every process with the same command")
   if jax.process_count() > 1:
     _watchdog = Watchdog(jax.process_index(), jax.process_count(), lost_after)
     _watchdog.start()

@@ -55,6 +55,9 @@ flags.DEFINE_integer("num_cpu_devices", None, "Fake CPU devices in this process 
 flags.DEFINE_float("lost_process_timeout", 30.0, "Multi-process runs: seconds without a heartbeat after which a "
                    "process counts as lost; the others then exit with code 1 and one line naming it.",
                    flag_values=FLAGS)
+flags.DEFINE_integer("startup_timeout", 120, "Multi-process runs: seconds for every process to connect to the "
+                     "coordinator at start-up; a process lost before that ends the others after this long, with "
+                     "exit code 1 and one line.", flag_values=FLAGS)
 flags.DEFINE_bool("reshard_data", False, "Resume a checkpoint written by another number of processes: restore the "
                   "model and optimizer exactly and restart the data iterators (without it such a resume is "
                   "refused).", flag_values=FLAGS)
@@ -122,10 +125,13 @@ def init_distributed() -> None:
     jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
   if not FLAGS.lost_process_timeout > 0:
     raise UsageError(f"--lost_process_timeout={FLAGS.lost_process_timeout} must be a positive number of seconds")
+  if not FLAGS.startup_timeout > 0:
+    raise UsageError(f"--startup_timeout={FLAGS.startup_timeout} must be a positive number of seconds")
   if given or FLAGS.distributed:
     from memjax.train import distributed
     distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                           process_id=FLAGS.process_id, auto=not given, lost_after=FLAGS.lost_process_timeout)
+                           process_id=FLAGS.process_id, auto=not given, lost_after=FLAGS.lost_process_timeout,
+                           init_timeout=FLAGS.startup_timeout)
 
 
 def train_main(raw_config, workdir: str, *, reshard_data: bool = False) -> int:
