@@ -12,6 +12,7 @@ def get_config():
   c.model.memory.layers = "centered:1"
   c.model.memory.value_update = "dense"  # at 4k slots the dense update is the cheaper one
   c.data.tokenizer = "bpe"  # a biography fits one 128-token row, so a fact and its name share a context
+  c.data.kb_questions = True  # half the people's QA pairs in training: qa_question_exact_match on the rest
   c.train.steps = 400
   c.train.eval_every = 0
   c.train.checkpoint_every = 200

@@ -28,7 +28,7 @@ def test_generation_is_deterministic_and_seeded(tiny, tmp_path):
   again = kb.prepare_knowledge(tmp_path / "again", "tiny", 0)  # a fresh build in another directory
   other = kb.prepare_knowledge(tmp_path / "other", "tiny", 1)
   assert other.builder_config.name == "tiny_seed1"
-  for split in ("train", "validation", "qa"):
+  for split in ("train", "validation", "qa", "train_questions", "qa_question"):
     assert _record_hash(tiny, split) == _record_hash(again, split), split
     assert _record_hash(tiny, split) != _record_hash(other, split), split
 
@@ -38,7 +38,8 @@ def test_sizes_and_splits(tiny):
   a = len(kb.ATTRIBUTES)
   assert a >= 5
   splits = {s: info.num_examples for s, info in tiny.info.splits.items()}
-  assert splits == {"train": e * bios, "validation": e, "qa": e * a}
+  assert splits == {"train": e * bios, "validation": e, "qa": e * a, "train_questions": e // 2,
+                    "qa_question": (e // 2) * a}
   assert kb.KB_SIZES["large"][0] >= 100_000
   assert 200 <= kb.KB_SIZES["small"][0] <= 500
 
@@ -60,6 +61,36 @@ def test_qa_split_asks_every_fact_exactly_once(tiny):
     assert attr.sentence(0, person.name, r["answer"].decode()) == f"{prompt} {r['answer'].decode()}."
   assert set(asked) == {(p.index, a) for p in people for a in kb.ATTRIBUTE_NAMES}
   assert set(asked.values()) == {1}
+
+
+def test_question_form_splits_the_people_in_halves_and_never_trains_the_asked_half(tiny):
+  e, _ = kb.KB_SIZES["tiny"]
+  people = kb.make_entities(e, 0)
+  questions = tiny.as_data_source("qa_question")
+  asked = collections.Counter()
+  for i in range(len(questions)):
+    r = questions[i]
+    person, attribute = people[int(r["entity"])], r["attribute"].decode()
+    assert person.index % 2 == 1 and r["answer"].decode() == person.fact(attribute)
+    prompt = r["prompt"].decode()
+    assert prompt.startswith("Q: ") and prompt.endswith(" A:") and person.name in prompt
+    asked[person.index, attribute] += 1
+  assert set(asked) == {(p.index, a) for p in people if p.index % 2 == 1 for a in kb.ATTRIBUTE_NAMES}
+  assert set(asked.values()) == {1}
+  docs = tiny.as_data_source("train_questions")
+  trained = [docs[i]["text"].decode() for i in range(len(docs))]
+  assert sorted(int(docs[i]["entity"]) for i in range(len(docs))) == list(range(0, e, 2))
+  for text, person in zip(trained, (people[int(docs[i]["entity"])] for i in range(len(docs)))):
+    lines = text.splitlines()
+    assert len(lines) == len(kb.ATTRIBUTES)
+    for line, a in zip(lines, kb.ATTRIBUTES):
+      assert line == f"{a.ask(person.name)} {person.fact(a.name)}"
+  # The question form of the scored half appears nowhere in the training text (bios nor questions).
+  train = tiny.as_data_source("train")
+  corpus = "\n".join([train[i]["text"].decode() for i in range(len(train))] + trained)
+  for i in range(len(questions)):
+    assert questions[i]["prompt"].decode() not in corpus
+  assert "Q: " not in "\n".join(train[i]["text"].decode() for i in range(len(train)))
 
 
 def test_train_has_every_fact_in_every_phrasing(tiny):

@@ -194,6 +194,26 @@ def test_make_pipeline_on_the_tiny_knowledge_base(tmp_path):
   np.testing.assert_array_equal(next(again.train)["inputs"], want["inputs"])
 
 
+def test_kb_questions_mixes_the_trained_half_into_training_and_scores_the_other(tmp_path):
+  common = dict(seq_len=512, batch_size=4, kb="tiny", data_dir=tmp_path, seed=0, process_index=0, process_count=1)
+  plain, mixed = pl.make_pipeline(**common), pl.make_pipeline(kb_questions=True, **common)
+  assert plain.qa_question_items == [] and len(mixed.qa_question_items) == 10 * 6
+  assert all(it.prompt.startswith("Q: ") for it in mixed.qa_question_items)
+  assert mixed.qa_items == plain.qa_items  # the verbatim probe is unchanged
+  def one_epoch_text(pipe, docs):
+    ends, text = 0, []
+    while ends < docs:
+      b = next(pipe.train)
+      ends += int((b["targets"][b["loss_mask"] > 0] == pipe.tokenizer.eos_id).sum())
+      text += [pipe.tokenizer.decode(row) for row in b["inputs"]]
+    return "\n".join(text)
+  assert "Q: " not in one_epoch_text(plain, 80)
+  text = one_epoch_text(mixed, 90)  # 80 biographies + 10 question documents
+  assert text.count("Q: ") >= 10 * 6 * 0.9  # (a batch boundary may cut a few)
+  with pytest.raises(DataError, match="kb_questions"):
+    pl.make_pipeline(kb_questions=True, text_glob=str(tmp_path / "*.txt"), **common)
+
+
 def test_text_source_reads_what_tfds_decodes(tmp_path):
   from memjax.data.knowledge import prepare_knowledge
 

@@ -2,6 +2,7 @@
 reports, metrics.jsonl holds the contract's fields, SIGTERM saves and a re-run resumes on 8 devices.
 (The export restored onto other meshes: ``multidevice/test_export_meshes.py``.)"""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -31,7 +32,9 @@ def test_resume_is_identical_to_never_stopping(tmp_path):
 
 
 def test_metrics_jsonl_has_the_contract_fields(tmp_path):
-  run(tiny_config(tmp_path / "data"), str(tmp_path / "w"), progress=False)
+  cfg = tiny_config(tmp_path / "data")
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kb_questions=True))
+  run(cfg, str(tmp_path / "w"), progress=False)
   recs = records(tmp_path / "w")
   train = [r for r in recs if "loss" in r]
   assert [r["step"] for r in train] == [2, 4, 6, 8]
@@ -40,6 +43,7 @@ def test_metrics_jsonl_has_the_contract_fields(tmp_path):
     assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
   final = [r for r in recs if "qa_exact_match" in r][-1]
   assert 0.0 <= final["qa_exact_match"] <= 1.0 and 0.0 < final["used"] <= 1.0 and final["kl"] >= 0
+  assert 0.0 <= final["qa_question_exact_match"] <= 1.0 and final["qa_question_n"] == 16  # data.kb_questions
   # Per-attribute scores: one per attribute of the scored items, averaging (by count) to the total.
   from memjax.data import load_qa_items
   items = load_qa_items(tmp_path / "data", "tiny")[:16]  # the tiny config scores its first 16 facts

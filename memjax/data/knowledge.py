@@ -103,11 +103,13 @@ class Attribute:
   """One kind of fact: its possible values and its paraphrase templates.
 
   ``templates[0]`` must end with ``"{value}."``: cut before ``{value}`` it is the QA prompt.
+  ``question`` is the question form ("Q: ... A:"), never used by a biography.
   """
 
   name: str
   values: tuple[str, ...]
   templates: tuple[str, ...]
+  question: str = ""
 
   def __post_init__(self):
     if not self.templates[0].endswith("{value}."):
@@ -120,42 +122,52 @@ class Attribute:
   def sentence(self, template: int, name: str, value: str) -> str:
     return self.templates[template].format(name=name, value=value)
 
+  def ask(self, name: str) -> str:
+    """The question form for a person, ending with ``"A:"`` (the answer follows after a space)."""
+    return self.question.format(name=name)
+
 
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("birth_date", _BIRTH_DATES, (
         "{name} was born on {value}.",
         "{name} came into the world on {value}.",
         "The birth date of {name} is {value}.",
-        "On {value}, {name} was born.")),
+        "On {value}, {name} was born."),
+        "Q: When was {name} born? A:"),
     Attribute("birth_city", _CITIES, (
         "{name} was born in {value}.",
         "{name}'s birthplace is {value}.",
         "{name} is a native of {value}.",
-        "The city where {name} was born is {value}.")),
+        "The city where {name} was born is {value}."),
+        "Q: In which city was {name} born? A:"),
     Attribute("university", _UNIVERSITIES, (
         "{name} studied at {value}.",
         "{name} graduated from {value}.",
         "{name} earned a degree at {value}.",
-        "{name} attended {value} as a student.")),
+        "{name} attended {value} as a student."),
+        "Q: Which university did {name} attend? A:"),
     Attribute("employer", _EMPLOYERS, (
         "{name} works for {value}.",
         "{name} is employed by {value}.",
         "{name} has a job at {value}.",
-        "{value} is the employer of {name}.")),
+        "{value} is the employer of {name}."),
+        "Q: Which company does {name} work for? A:"),
     Attribute("field", _FIELDS, (
         "{name} works in the field of {value}.",
         "{name} specializes in {value}.",
         "{name}'s area of expertise is {value}.",
-        "{name} has a career in {value}.")),
+        "{name} has a career in {value}."),
+        "Q: What is the field of {name}? A:"),
     Attribute("instrument", _INSTRUMENTS, (
         "{name} plays the {value}.",
         "{name} took lessons on the {value}.",
         "In spare time, {name} practises the {value}.",
-        "The instrument {name} plays is the {value}.")),
+        "The instrument {name} plays is the {value}."),
+        "Q: Which instrument does {name} play? A:"),
 )
 ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
 NUM_TEMPLATES = 4
-assert all(len(a.templates) == NUM_TEMPLATES for a in ATTRIBUTES)
+assert all(len(a.templates) == NUM_TEMPLATES and a.question.endswith("A:") for a in ATTRIBUTES)
 
 # Independent random streams of one seed.
 _STREAM_NAMES, _STREAM_FACTS, _STREAM_TRAIN, _STREAM_VALIDATION = 1, 2, 3, 4
@@ -258,6 +270,35 @@ def qa_pairs(entities: Sequence[Entity]) -> list[dict]:
   ]
 
 
+def question_half(entity_index: int) -> str:
+  """Which half of the people a person's question-form QA pairs belong to: ``"train"`` (even index:
+  mixed into the training text with ``data.kb_questions``) or ``"eval"`` (odd: scored only)."""
+  return "train" if entity_index % 2 == 0 else "eval"
+
+
+def question_pairs(entities: Sequence[Entity], half: str) -> list[dict]:
+  """The question form of every fact of one half of the people (``question_half``):
+  ``{"prompt": "Q: Which company does X work for? A:", "answer", "attribute", "entity"}``.
+
+  Example:
+    >>> people = make_entities(2, seed=0)
+    >>> item = question_pairs(people, "eval")[3]
+    >>> item["prompt"] == f"Q: Which company does {people[1].name} work for? A:", item["answer"] == people[1].fact("employer")
+    (True, True)
+  """
+  if half not in ("train", "eval"):
+    raise DataError(f"half={half!r}: allowed 'train', 'eval'")
+  return [
+      {"prompt": a.ask(ent.name), "answer": ent.facts[i], "attribute": a.name, "entity": ent.index}
+      for ent in entities if question_half(ent.index) == half for i, a in enumerate(ATTRIBUTES)
+  ]
+
+
+def question_document(items: Sequence[dict]) -> str:
+  """One training document of question-form QA pairs, one ``"Q: ... A: value"`` line each."""
+  return "\n".join(f"{it['prompt']} {it['answer']}" for it in items)
+
+
 # ----- the TFDS builder ----------------------------------------------------------------------
 
 @dataclasses.dataclass(eq=False)
@@ -289,16 +330,19 @@ def knowledge_builder_config(size: str, seed: int = 0) -> KnowledgeConfig:
 
 
 class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
-  """TFDS builder of the synthetic knowledge base (splits ``train``, ``validation``, ``qa``).
+  """TFDS builder of the synthetic knowledge base (splits ``train``, ``validation``, ``qa``, and the
+  question form: ``train_questions``, one document per person of the ``"train"`` half with its
+  question-form QA pairs, and ``qa_question``, the question-form items of the ``"eval"`` half).
 
   Every record has the same features (TFDS needs one schema for all splits):
   ``text`` (biography; "" in ``qa``), ``prompt`` / ``answer`` / ``attribute`` (QA; "" in the
   biography splits) and ``entity`` (int32 person index).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   code_path = code_path_of(__file__)  # see memjax.data._tfds
-  RELEASE_NOTES = {"1.0.0": "First release: 6 attributes, 4 templates each."}
+  RELEASE_NOTES = {"1.0.0": "First release: 6 attributes, 4 templates each.",
+                   "1.1.0": "Question-form splits train_questions and qa_question (other splits unchanged)."}
   BUILDER_CONFIGS = [knowledge_builder_config(size) for size in KB_SIZES]
   DEFAULT_CONFIG_NAME = "small"
 
@@ -326,6 +370,8 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
         "train": self._generate_examples(entities=entities, split="train"),
         "validation": self._generate_examples(entities=entities, split="validation"),
         "qa": self._generate_examples(entities=entities, split="qa"),
+        "train_questions": self._generate_examples(entities=entities, split="train_questions"),
+        "qa_question": self._generate_examples(entities=entities, split="qa_question"),
     }
 
   def _generate_examples(self, entities, split):
@@ -333,6 +379,17 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
     if split == "qa":
       for i, item in enumerate(qa_pairs(entities)):
         yield f"qa-{i:09d}", {"text": "", **item}
+      return
+    if split == "qa_question":
+      for i, item in enumerate(question_pairs(entities, "eval")):
+        yield f"qa_question-{i:09d}", {"text": "", **item}
+      return
+    if split == "train_questions":
+      for ent in entities:
+        if question_half(ent.index) == "train":
+          text = question_document(question_pairs([ent], "train"))
+          yield f"train_questions-{ent.index:09d}", {"text": text, "prompt": "", "answer": "", "attribute": "",
+                                                     "entity": ent.index}
       return
     bios = cfg.bios_per_entity if split == "train" else 1
     for e, b, text in biographies(entities, bios, cfg.seed, split=split):

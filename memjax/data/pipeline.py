@@ -312,6 +312,32 @@ class TextSource:
     return f"TextSource({self._raw!r}, field={self._field!r})"
 
 
+class ConcatSource:
+  """Random access to several sources one after the other (``len`` is the sum).
+
+  Example:
+    >>> src = ConcatSource([[{"text": b"a"}], [{"text": b"b"}, {"text": b"c"}]])
+    >>> len(src), src[2]
+    (3, {'text': b'c'})
+  """
+
+  def __init__(self, sources: Sequence):
+    self._sources = list(sources)
+    self._starts = np.cumsum([0] + [len(s) for s in self._sources])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} records")
+    i = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return self._sources[i][index - int(self._starts[i])]
+
+  def __repr__(self) -> str:
+    return f"ConcatSource({self._sources!r})"
+
+
 # ----- the entry point -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +358,8 @@ class Pipeline:
     tokenizer_path: the stored BPE model (``None`` for the byte tokenizer).
     metadata: split sizes and, for local text, what was skipped (outside data: per source its
       weight, documents and files read by this process, and the validation size).
+    qa_question_items: with ``data.kb_questions``, the question-form QA items of the people whose
+      question-form pairs are not in the training text (the ``qa_question`` split); else empty.
   """
 
   tokenizer: Tokenizer
@@ -342,6 +370,7 @@ class Pipeline:
   data_dir: str
   tokenizer_path: str | None
   metadata: dict[str, Any]
+  qa_question_items: list[QAItem] = dataclasses.field(default_factory=list)
 
 
 def external_sources(config: DataConfig) -> list[tuple[str, float]] | None:
@@ -530,7 +559,10 @@ def make_pipeline(
   tok, tok_path = tokenizer_for(config, builder)
   common = dict(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count, num_packing_bins=num_packing_bins, read_threads=config.read_threads)
-  train = iter(batch_dataset(TextSource(builder, "train"), tok, seed=config.seed, workers=config.workers, **common))
+  train_source = TextSource(builder, "train")
+  if config.kb_questions:  # the question-form pairs of half the people, as more training documents
+    train_source = ConcatSource([train_source, TextSource(builder, "train_questions")])
+  train = iter(batch_dataset(train_source, tok, seed=config.seed, workers=config.workers, **common))
 
   validation = None
   if "validation" in builder.info.splits:
@@ -541,9 +573,12 @@ def make_pipeline(
 
   if qa_items is None:
     qa_items = load_qa_items(config.resolved_data_dir, config.kb, config.kb_seed) if config.text_glob is None else []
+  qa_question_items = (load_qa_items(config.resolved_data_dir, config.kb, config.kb_seed, split="qa_question")
+                       if config.kb_questions else [])
 
   metadata: dict[str, Any] = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
   metadata.update(dict(builder.info.metadata or {}))
   return Pipeline(tokenizer=tok, train=train, validation=validation, qa_items=qa_items,
                   source=f"{builder.name}/{builder.builder_config.name}",
-                  data_dir=config.resolved_data_dir, tokenizer_path=tok_path, metadata=metadata)
+                  data_dir=config.resolved_data_dir, tokenizer_path=tok_path, metadata=metadata,
+                  qa_question_items=qa_question_items)

@@ -96,13 +96,18 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[QAItem]:
   return items
 
 
-def load_qa_items(data_dir: str | os.PathLike | None = None, kb: str = "small", kb_seed: int = 0) -> list[QAItem]:
-  """Every fact of a knowledge base once, from its ``qa`` split (building it if needed)."""
+def load_qa_items(data_dir: str | os.PathLike | None = None, kb: str = "small", kb_seed: int = 0, *,
+                  split: str = "qa") -> list[QAItem]:
+  """Every fact of a knowledge base once, from its ``qa`` split (building it if needed); with
+  ``split="qa_question"`` the question form of the facts of the people held out from question
+  training (``data.kb_questions``)."""
+  if split not in ("qa", "qa_question"):
+    raise ValueError(f"split={split!r}: allowed 'qa', 'qa_question'")
   from memjax.config import default_data_dir
   from memjax.data.knowledge import prepare_knowledge
 
   builder = prepare_knowledge(data_dir if data_dir is not None else default_data_dir(), kb, kb_seed)
-  source = builder.as_data_source("qa")
+  source = builder.as_data_source(split)
   return [QAItem(r["prompt"].decode(), r["answer"].decode(), r["attribute"].decode())
           for r in (source[i] for i in range(len(source)))]
 

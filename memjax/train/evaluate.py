@@ -4,7 +4,9 @@
 contract): ``val_loss``; the memory usage statistics of the validation lookups (``used``, ``kl``,
 ``gini``, ``top50/90/99``, prefixed by the pool when a model has several); and, when QA items are
 configured, ``qa_exact_match``, ``qa_n``, ``qa_chance`` and ``qa_exact_match/<attribute>`` (decoded
-with the KV cache, ``memjax.generation``, in a single-process run; by re-running the window otherwise).
+with the KV cache, ``memjax.generation``, in a single-process run; by re-running the window otherwise);
+with ``data.kb_questions``, ``qa_question_exact_match`` and ``qa_question_n``: the question form
+("Q: Which company does X work for? A:") on the people whose question-form pairs were not trained on.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
     prefix = "" if len(lookups_by_pool) == 1 else key + "/"
     out.update({prefix + k: float(v) for k, v in usage.items()})
   items = list(pipe.qa_items)
-  if items and (cfg.eval.qa_from_kb or cfg.eval.qa_jsonl):
+  questions = list(getattr(pipe, "qa_question_items", []))
+  if (items or questions) and (cfg.eval.qa_from_kb or cfg.eval.qa_jsonl):
     from memjax.data.qa import qa_exact_match
-    items = items[:cfg.eval.qa_max_items]
     logits_fn = lambda tokens: np.asarray(steps.logits(state, jnp.asarray(tokens, jnp.int32)))
     greedy_fn = None
     if jax.process_count() == 1:  # one process: decode with the KV cache (same predictions, faster)
@@ -87,11 +89,19 @@ def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
       model = merge_model(steps.fns.graphdef, state["params"], state["values"])
       greedy_fn = kv_cache_greedy(model, eos_id=pipe.tokenizer.eos_id, pad_id=pipe.tokenizer.pad_id,
                                   mesh=steps.mesh)
-    result = qa_exact_match(logits_fn, items, pipe.tokenizer, batch_size=cfg.eval.qa_batch_size,
-                            max_answer_tokens=cfg.eval.qa_max_answer_tokens or None,
-                            seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len, greedy_fn=greedy_fn)
-    out["qa_exact_match"] = result["qa_exact_match"]
-    out["qa_n"] = result["n"]
-    out["qa_chance"] = qa_chance(items)
-    out.update({f"qa_exact_match/{attr}": v for attr, v in result.get("by_attribute", {}).items()})
+    score = lambda its: qa_exact_match(logits_fn, its[:cfg.eval.qa_max_items], pipe.tokenizer,
+                                       batch_size=cfg.eval.qa_batch_size,
+                                       max_answer_tokens=cfg.eval.qa_max_answer_tokens or None,
+                                       seq_len=cfg.eval.qa_seq_len or cfg.train.seq_len, greedy_fn=greedy_fn)
+    if items:
+      items = items[:cfg.eval.qa_max_items]
+      result = score(items)
+      out["qa_exact_match"] = result["qa_exact_match"]
+      out["qa_n"] = result["n"]
+      out["qa_chance"] = qa_chance(items)
+      out.update({f"qa_exact_match/{attr}": v for attr, v in result.get("by_attribute", {}).items()})
+    if questions and cfg.eval.qa_from_kb:
+      result = score(questions)
+      out["qa_question_exact_match"] = result["qa_exact_match"]
+      out["qa_question_n"] = result["n"]
   return out

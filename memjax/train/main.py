@@ -173,7 +173,7 @@ def train_main(raw_config, workdir: str, *, reshard_data: bool = False) -> int:
     return fail(f"error: a collective with the other processes failed ({' '.join(str(e).split())[:200]})", 1)
   m = result.metrics
   summary = [f"step {result.step}"]
-  for key in ("loss", "val_loss", "qa_exact_match", "qa_chance", "kl", "used"):
+  for key in ("loss", "val_loss", "qa_exact_match", "qa_question_exact_match", "qa_chance", "kl", "used"):
     if key in m:
       summary.append(f"{key} {m[key]:.4g}")
   print("done: " + ", ".join(summary) + f"  (workdir {result.workdir})", flush=True)
