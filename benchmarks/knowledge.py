@@ -186,7 +186,13 @@ def main(argv=None):
   p.add_argument("--jobs", type=int, default=2, help="runs at once, each pinned to one core")
   p.add_argument("--root", default="", help="workdirs (default: runs/bench_knowledge_<preset>)")
   p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/knowledge_<preset>.json)")
+  p.add_argument("--topk", default="", help="comma-separated model.memory.topk values (auto, xla, approx): every "
+                 "memory variant runs once per value, named <variant>@<value> (default: the config's)")
   args = p.parse_args(argv)
+  topks = [t for t in args.topk.split(",") if t]
+  from memjax.config import TOPK_METHODS
+  if any(t not in TOPK_METHODS for t in topks):
+    p.error(f"--topk={args.topk}: each value must be one of {list(TOPK_METHODS)}")
   preset = dict(PRESETS[args.preset])
   if args.steps:
     preset["steps"] = args.steps
@@ -201,6 +207,9 @@ def main(argv=None):
     if unknown:
       p.error(f"--variants: unknown {unknown}; choose from {sorted(table)}")
     table = {k: v for k, v in table.items() if k in args.variants.split(",")}
+  if topks:  # the same memory models with each top-k formulation (memory-free variants run once)
+    table = {(f"{k}@{t}" if len(topks) > 1 else k): {**v, "model.memory.topk": t} if "memory" in k else v
+             for k, v in table.items() for t in (topks if "memory" in k else topks[:1])}
   runs = [_runs.Run(f"{name}_s{seed}", {**o, "train.seed": seed, "data.seed": seed}, group=name)
           for seed in seeds for name, o in table.items()]
   # Longest first (FLOPs/token as the proxy), so that the two workers finish close together.
