@@ -98,6 +98,19 @@ def test_tokens_are_independent():
   assert float((norms * (1 - jnp.eye(5))).max()) == 0.0 and float(jnp.diag(norms).min()) > 0.0
 
 
+def test_lm_with_a_peer_block_decodes_like_its_forward_pass():
+  cfg = _model_cfg(peer_layers=(0, 2))
+  model = LM(cfg, rngs=nnx.Rngs(5))
+  tokens = jnp.array([[3, 4, 5, 6], [7, 8, 9, 1]], jnp.int32)
+  logits, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
+  assert len(aux["peer"]) == 2 and aux["peer"][0].indices.shape == (2, 4, SMALL.heads, SMALL.top_k)
+  positions = jnp.broadcast_to(jnp.arange(4)[None], (2, 4))
+  cached, _, _ = nnx.jit(lambda m, t: m.decode(t, positions, m.init_cache(2, 4)))(model, tokens)
+  np.testing.assert_allclose(cached, logits, rtol=1e-5, atol=1e-5)
+  remat = LM(dataclasses.replace(cfg, remat="full"), rngs=nnx.Rngs(5))
+  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t)[0])(remat, tokens), logits, rtol=1e-6, atol=1e-6)
+
+
 # ----- formulas -------------------------------------------------------------------------------------
 
 
