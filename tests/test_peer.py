@@ -4,6 +4,7 @@ implementation, the config's errors, and a tiny model with a PEER block training
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import subprocess
 
@@ -240,6 +241,9 @@ def test_a_model_with_a_peer_block_trains_through_the_train_step():
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.7 * losses[0], losses
   assert not np.allclose(state["params"]["blocks"][1]["ffn"]["down"][...], down0)
+  (experts, gates), = jax.jit(fns.eval_step)(state, batch)["peer_lookups"]  # one PEER block's retrieval
+  assert experts.shape == gates.shape == (4, 12, SMALL.heads, SMALL.top_k)
+  np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-5)
 
 
 def test_train_py_runs_configs_peer(tmp_path):
@@ -249,6 +253,8 @@ def test_train_py_runs_configs_peer(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
   assert out.returncode == 0, out.stderr[-3000:]
   assert "done: step 3" in out.stdout + out.stderr
+  final = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()][-1]
+  assert 0.0 < final["peer/used"] <= 1.0 and final["peer/kl"] >= 0.0  # expert usage, like the memory's
 
 
 def test_train_py_bad_peer_value_is_one_line_exit_2(tmp_path):
