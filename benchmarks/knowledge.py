@@ -1,4 +1,4 @@
-"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, Memory and Memory+ on the synthetic knowledge base.
+"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, PEER, Memory and Memory+ on the synthetic knowledge base.
 
   python benchmarks/knowledge.py --preset=smoke          # <= 5 min on 2 cores, one seed: does it all work
   python benchmarks/knowledge.py --preset=full           # two seeds: the figures (<= 60 min on an idle 2-core machine)
@@ -272,6 +272,8 @@ def main(argv=None):
   elif {"memory_plus", "dense_4x", "moe"} <= set(summary):
     checks = {"memory_plus_ge_dense_4x": summary["memory_plus"]["qa_mean"] >= summary["dense_4x"]["qa_mean"],
               "memory_plus_gt_moe": summary["memory_plus"]["qa_mean"] > summary["moe"]["qa_mean"]}
+    if "peer" in summary:
+      checks["memory_plus_gt_peer"] = summary["memory_plus"]["qa_mean"] > summary["peer"]["qa_mean"]
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
     equiv = dense_equivalent(summary)
     print(f"memory_plus is as good as a dense model of {equiv:.2f}x FLOPs" if equiv else
