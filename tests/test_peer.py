@@ -59,7 +59,7 @@ def test_fast_path_equals_brute_force(flags, topk, backend):
   layer = PEER(C, _cfg(**flags), rngs=nnx.Rngs(1))
   x = _x((2, 9, C), 1)
   fast = jax.jit(_fast(layer, topk, backend))(x, layer.arrays())
-  ref = _reference(layer)(x, layer.arrays())
+  ref = jax.jit(_reference(layer))(x, layer.arrays())
   np.testing.assert_array_equal(fast.indices, ref.indices)  # the same experts, in the same order
   np.testing.assert_allclose(fast.gates, ref.gates, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(fast.out, ref.out, rtol=1e-5, atol=1e-6)
@@ -85,7 +85,7 @@ def test_gradients_match_the_reference(flags, topk, backend):
     return lambda x, arrays: jnp.sum(f(x, arrays).out * cot)
 
   g_fast = jax.jit(jax.grad(loss(_fast(layer, topk, backend)), argnums=(0, 1)))(x, layer.arrays())
-  g_ref = jax.grad(loss(_reference(layer)), argnums=(0, 1))(x, layer.arrays())
+  g_ref = jax.jit(jax.grad(loss(_reference(layer)), argnums=(0, 1)))(x, layer.arrays())
   np.testing.assert_allclose(g_fast[0], g_ref[0], rtol=1e-4, atol=1e-6)
   for name in g_ref[1]:
     assert float(jnp.abs(g_ref[1][name]).max()) > 0, name  # every parameter gets a gradient
@@ -94,12 +94,12 @@ def test_gradients_match_the_reference(flags, topk, backend):
 
 def test_tokens_are_independent():
   layer = PEER(C, SMALL, rngs=nnx.Rngs(4))
-  jac = jax.jacrev(layer)(_x((5, C), 5))  # [T, C, T, C]
+  jac = jax.jit(jax.jacrev(lambda x: layer(x)))(_x((5, C), 5))  # [T, C, T, C]
   norms = jnp.abs(jac).sum(axis=(1, 3))
   assert float((norms * (1 - jnp.eye(5))).max()) == 0.0 and float(jnp.diag(norms).min()) > 0.0
 
 
-def test_lm_with_a_peer_block_decodes_like_its_forward_pass():
+def test_lm_with_peer_blocks_decodes_like_its_forward_pass():
   cfg = _model_cfg(peer_layers=(0, 2))
   model = LM(cfg, rngs=nnx.Rngs(5))
   tokens = jnp.array([[3, 4, 5, 6], [7, 8, 9, 1]], jnp.int32)
@@ -108,8 +108,6 @@ def test_lm_with_a_peer_block_decodes_like_its_forward_pass():
   positions = jnp.broadcast_to(jnp.arange(4)[None], (2, 4))
   cached, _, _ = nnx.jit(lambda m, t: m.decode(t, positions, m.init_cache(2, 4)))(model, tokens)
   np.testing.assert_allclose(cached, logits, rtol=1e-5, atol=1e-5)
-  remat = LM(dataclasses.replace(cfg, remat="full"), rngs=nnx.Rngs(5))
-  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t)[0])(remat, tokens), logits, rtol=1e-6, atol=1e-6)
 
 
 # ----- formulas -------------------------------------------------------------------------------------
@@ -248,7 +246,7 @@ def test_a_model_with_a_peer_block_trains_through_the_train_step():
 
 def test_train_py_runs_configs_peer(tmp_path):
   cmd = train_py("--config.train.steps=3", "--config.train.batch_size=4", "--config.data.kb=tiny",
-                 "--config.eval.qa_max_items=8",
+                 "--config.eval.qa_from_kb=false", "--config.eval.eval_batches=1",
                  config="peer", data_dir=tmp_path / "data", workdir=tmp_path / "w")
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
   assert out.returncode == 0, out.stderr[-3000:]
