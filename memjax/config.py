@@ -427,12 +427,12 @@ class PEERConfig(_Checked):
 
   A PEER block retrieves, per head, the top-k of ``num_experts`` single-neuron experts by product
   keys and returns ``sum_h sum_i g_hi act(<u_i, x>) v_i``: expert i owns a down vector u_i and an up
-  vector v_i (both of width C, rows of two tables [N, C] shared by every head).
+  vector v_i (both of width C, rows of two tables [E, C] shared by every head).
 
   Attributes:
     layers: block indices whose FFN is a PEER block (``()`` = none; not overlapping ``memory.layers``
       or ``moe.layers``).
-    num_experts: N, a perfect square ``n_keys**2`` (product keys address an n x n grid).
+    num_experts: E, a perfect square ``n_keys**2`` (product keys address an n x n grid).
     heads: H retrieval heads, each with its own query projection (all read the same experts).
     top_k: experts retrieved per head k, ``<= sqrt(num_experts)``.
     key_dim: query / key width Dk (two halves of Dk/2); must be even.
@@ -498,7 +498,7 @@ class PEERConfig(_Checked):
     return 1 if self.shared_keys else self.heads
 
   def expert_params(self, dim: int) -> int:
-    """Parameters of the expert tables: down and up, N x C each."""
+    """Parameters of the expert tables: down and up, E x C each."""
     check_int("PEERConfig.expert_params", "dim", dim)
     return 2 * self.num_experts * dim
 
