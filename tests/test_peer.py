@@ -108,6 +108,8 @@ def test_lm_with_peer_blocks_decodes_like_its_forward_pass():
   positions = jnp.broadcast_to(jnp.arange(4)[None], (2, 4))
   cached, _, _ = nnx.jit(lambda m, t: m.decode(t, positions, m.init_cache(2, 4)))(model, tokens)
   np.testing.assert_allclose(cached, logits, rtol=1e-5, atol=1e-5)
+  remat = LM(dataclasses.replace(cfg, remat="full"), rngs=nnx.Rngs(5))  # blocks under jax.checkpoint
+  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t)[0])(remat, tokens), logits, rtol=1e-6, atol=1e-6)
 
 
 # ----- formulas -------------------------------------------------------------------------------------
