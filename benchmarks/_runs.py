@@ -51,11 +51,13 @@ def typed_config(overrides: dict[str, Any], vocab_size: int):
 
 
 def model_figures(overrides: dict[str, Any], vocab_size: int) -> dict:
-  """Total / active parameters and forward FLOPs per token from the config's formulas."""
+  """Total / active parameters, the memory value tables' and the PEER expert tables' parameters, and
+  forward FLOPs per token from the config's formulas."""
   cfg = typed_config(overrides, vocab_size)
   counts = cfg.model.param_counts()
   return {"params_total": counts["total"], "params_active": counts["active"],
-          "params_values": counts["values"], "flops_per_token": cfg.model.flops_per_token(cfg.train.seq_len)}
+          "params_values": counts["values"], "params_experts": counts["experts"],
+          "flops_per_token": cfg.model.flops_per_token(cfg.train.seq_len)}
 
 
 def prepare_data(overrides: dict[str, Any]) -> int:

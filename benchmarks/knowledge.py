@@ -1,4 +1,4 @@
-"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, Memory and Memory+ on the synthetic knowledge base.
+"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, PEER, Memory and Memory+ on the synthetic knowledge base.
 
   python benchmarks/knowledge.py --preset=smoke          # <= 5 min on 2 cores, one seed: does it all work
   python benchmarks/knowledge.py --preset=full           # two seeds: the figures (<= 60 min on an idle 2-core machine)
@@ -14,6 +14,9 @@ for the same number of steps, and is scored by QA exact match on every fact of t
   memory_plus     three FFNs replaced by Memory+ layers (SwiGLU output, qk-norm) sharing one pool
   moe             MoE at Memory+'s three layers: top-1 experts whose width matches Memory+'s FLOPs
                   per token and whose count matches its total parameters
+  peer            PEER (He 2024) at Memory+'s three layers: single-neuron experts retrieved by product
+                  keys of Memory+'s key width; expert count for equal parameters, heads and top-k for
+                  equal FLOPs per token (``peer_matched``)
 
 Reported per model and seed: QA exact match, final training and validation loss, total and active
 parameters, forward FLOPs per token (the config's formulas), tokens/s (median of the logged
@@ -113,6 +116,30 @@ def moe_matched(base: dict, memory_plus: dict, vocab: int) -> dict:
   return {**o, "model.moe.num_experts": best[1]}
 
 
+def peer_matched(base: dict, memory_plus: dict, vocab: int) -> dict:
+  """PEER at Memory+'s layers with its key width and qk-norm: for each (heads, top-k), the sub-key
+  count n (experts n^2) whose total parameters are closest to Memory+'s (bisection: parameters grow
+  with n); of those, the one closest in FLOPs per token (ties: fewer heads)."""
+  want = _runs.model_figures({**base, **memory_plus}, vocab)
+  fixed = {"model.peer.layers": memory_plus["model.memory.layers"],
+           "model.peer.key_dim": memory_plus["model.memory.key_dim"], "model.peer.qk_norm": True}
+  figures = lambda heads, k, n: _runs.model_figures(
+      {**base, **fixed, "model.peer.heads": heads, "model.peer.top_k": k, "model.peer.num_experts": n * n}, vocab)
+  best = None
+  for heads in (1, 2, 4, 8):
+    for k in (8, 16, 32):
+      lo, hi = k, 2048  # top_k <= n
+      while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if figures(heads, k, mid)["params_total"] < want["params_total"] else (lo, mid)
+      for n in (lo, hi):
+        f = figures(heads, k, n)
+        err = max(abs(f["params_total"] / want["params_total"] - 1), abs(f["flops_per_token"] / want["flops_per_token"] - 1))
+        if best is None or err < best[0] - 1e-9:
+          best = (err, {**fixed, "model.peer.heads": heads, "model.peer.top_k": k, "model.peer.num_experts": n * n})
+  return best[1]
+
+
 def variants(preset: dict, vocab: int) -> dict[str, dict]:
   """{variant name: overrides} for one preset (seed-independent)."""
   base = {**COMMON, **preset["base"], "train.steps": preset["steps"]}
@@ -124,6 +151,7 @@ def variants(preset: dict, vocab: int) -> dict[str, dict]:
   for m in preset["multiples"]:
     out[f"dense_{m}x"] = {**base, **dense_scaled(base, m, vocab)}
   out["moe"] = {**base, **moe_matched(base, memory_plus, vocab)}
+  out["peer"] = {**base, **peer_matched(base, memory_plus, vocab)}
   out["memory"] = {**base, **memory}
   out["memory_plus"] = {**base, **memory_plus}
   return out
@@ -158,7 +186,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     rs = [r for r in rows if r["variant"] == name]
     x = rs[0]["flops_per_token"] / 1e6
     ys = [r["qa_exact_match"] for r in rs]
-    style = ("o-", "C0") if name.startswith("dense") else ("s", {"moe": "C2", "memory": "C1"}.get(name, "C3"))
+    style = ("o-", "C0") if name.startswith("dense") else ("s", {"moe": "C2", "memory": "C1", "peer": "C4"}.get(name, "C3"))
     ax.errorbar([x], [np.mean(ys)], yerr=[[np.mean(ys) - min(ys)], [max(ys) - np.mean(ys)]], fmt=style[0][0],
                 color=style[1], capsize=3, label=None if name.startswith("dense") and name != "dense_1x" else
                 ("dense" if name.startswith("dense") else name))
@@ -253,6 +281,8 @@ def main(argv=None):
   elif {"memory_plus", "dense_4x", "moe"} <= set(summary):
     checks = {"memory_plus_ge_dense_4x": summary["memory_plus"]["qa_mean"] >= summary["dense_4x"]["qa_mean"],
               "memory_plus_gt_moe": summary["memory_plus"]["qa_mean"] > summary["moe"]["qa_mean"]}
+    if "peer" in summary:
+      checks["memory_plus_gt_peer"] = summary["memory_plus"]["qa_mean"] > summary["peer"]["qa_mean"]
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
     equiv = dense_equivalent(summary)
     print(f"memory_plus is as good as a dense model of {equiv:.2f}x FLOPs" if equiv else

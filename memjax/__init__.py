@@ -5,13 +5,14 @@ The public API is re-exported here; see README.md for a tour. ``generate`` is
 is imported on first use.
 """
 
-from memjax.config import GenerateConfig, MemoryConfig, VALUE_DTYPES
+from memjax.config import GenerateConfig, MemoryConfig, PEERConfig, VALUE_DTYPES
 from memjax.generation import Generation, generate, generate_stream, generate_text
 from memjax.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_reference, embedding_bag_row_grads
 from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable, shared_memory_layers
 from memjax.memory.product_keys import product_key_topk, product_key_topk_reference
 from memjax.memory.read import MemoryReadout, memory_read, qk_normalize
 from memjax.metrics import USAGE_KEYS, memory_usage, slot_mass
+from memjax.peer import PEER, PEEROutput, peer_forward, peer_forward_reference
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,9 @@ __all__ = [
     "MemoryOutput",
     "MemoryReadout",
     "MemoryValue",
+    "PEER",
+    "PEERConfig",
+    "PEEROutput",
     "ProductKeyMemory",
     "USAGE_KEYS",
     "VALUE_DTYPES",
@@ -51,6 +55,8 @@ __all__ = [
     "load_exported",
     "memory_read",
     "memory_usage",
+    "peer_forward",
+    "peer_forward_reference",
     "product_key_topk",
     "product_key_topk_reference",
     "qk_normalize",

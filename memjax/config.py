@@ -17,6 +17,7 @@ Glossary (one meaning per letter, in shape names across memjax):
   n   sub-keys per half     M   slots = n * n                 Dv  value width
   k   slots read per head   L   rows per bag (H * k in a memory read)
   R   readers of one value pool (memory layers sharing it)    U   distinct rows of an update
+  PEER (``PEERConfig``): E = n * n single-neuron experts, H heads, k experts retrieved per head
 """
 
 from __future__ import annotations
@@ -416,12 +417,134 @@ class MoEConfig(_Checked):
       self._fail("top_k", f"must be <= num_experts={self.num_experts}")
 
 
+PEER_ACTIVATIONS = ("gelu", "relu", "silu")
+PEER_GATES = ("softmax", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class PEERConfig(_Checked):
+  """``config.model.peer``: PEER blocks (He 2024, "Mixture of A Million Experts"), ``memjax.peer``.
+
+  A PEER block retrieves, per head, the top-k of ``num_experts`` single-neuron experts by product
+  keys and returns ``sum_h sum_i g_hi act(<u_i, x>) v_i``: expert i owns a down vector u_i and an up
+  vector v_i (both of width C, rows of two tables [E, C] shared by every head).
+
+  Attributes:
+    layers: block indices whose FFN is a PEER block (``()`` = none; not overlapping ``memory.layers``
+      or ``moe.layers``).
+    num_experts: E, a perfect square ``n_keys**2`` (product keys address an n x n grid).
+    heads: H retrieval heads, each with its own query projection (all read the same experts).
+    top_k: experts retrieved per head k, ``<= sqrt(num_experts)``.
+    key_dim: query / key width Dk (two halves of Dk/2); must be even.
+    activation: the experts' nonlinearity, one of ``PEER_ACTIVATIONS``.
+    gate: router weights from the k scores of a head: "softmax" over them or an elementwise "sigmoid".
+    shared_keys: one set of sub-keys for every head (the paper's); else each head has its own.
+    qk_norm: RMS-normalise query halves and sub-keys (with gains), as ``MemoryConfig.qk_norm``.
+    topk: the product top-k's selection, one of ``TOPK_METHODS`` (``MemoryConfig.topk``).
+    backend: the ``embedding_bag`` backend of the up projection (one of ``BACKEND_NAMES``).
+    key_init_scale: sub-keys ~ U(-a, a); ``None``: a = key_dim**-0.5.
+    expert_init_std: u_i and v_i ~ N(0, s); ``None``: s = C**-0.5.
+
+  Example:
+    >>> PEERConfig(num_experts=4096, heads=4, top_k=8, key_dim=32).n_keys
+    64
+    >>> PEERConfig(num_experts=1000)
+    Traceback (most recent call last):
+    ...
+    memjax.config.ConfigError: PEERConfig.num_experts=1000 must be a perfect square n_keys**2 (e.g. 1024, 4096, 1048576): product keys address an n x n grid of experts
+  """
+
+  layers: tuple[int, ...] = ()
+  num_experts: int = 4096
+  heads: int = 4
+  top_k: int = 16
+  key_dim: int = 64
+  activation: str = "gelu"
+  gate: str = "softmax"
+  shared_keys: bool = True
+  qk_norm: bool = False
+  topk: str = "auto"
+  backend: str = "auto"
+  key_init_scale: float | None = None
+  expert_init_std: float | None = None
+
+  def __post_init__(self):
+    self._ints("num_experts", "heads", "top_k", "key_dim")
+    self._bools("shared_keys", "qk_norm")
+    self._floats("key_init_scale", "expert_init_std", strict=True, optional=True)
+    if self.num_experts > INT32_MAX:
+      self._fail("num_experts", f"is beyond int32 indices (max {INT32_MAX})")
+    if math.isqrt(self.num_experts) ** 2 != self.num_experts:
+      self._fail("num_experts", "must be a perfect square n_keys**2 (e.g. 1024, 4096, 1048576): product keys "
+                                "address an n x n grid of experts")
+    if self.top_k > self.n_keys:
+      self._fail("top_k", f"must be <= sqrt(num_experts)={self.n_keys}: the product top-k takes top_k of the "
+                          "n_keys sub-keys in each half")
+    if self.key_dim % 2:
+      self._fail("key_dim", "must be even: the query splits in two halves")
+    self._choice("activation", PEER_ACTIVATIONS)
+    self._choice("gate", PEER_GATES)
+    self._choice("topk", TOPK_METHODS)
+    self._choice("backend", BACKEND_NAMES)
+
+  @property
+  def n_keys(self) -> int:
+    """n = sqrt(num_experts), sub-keys per half."""
+    return math.isqrt(self.num_experts)
+
+  @property
+  def key_heads(self) -> int:
+    """Heads with their own sub-keys: 1 when ``shared_keys``, else ``heads``."""
+    return 1 if self.shared_keys else self.heads
+
+  def expert_params(self, dim: int) -> int:
+    """Parameters of the expert tables: down and up, E x C each."""
+    check_int("PEERConfig.expert_params", "dim", dim)
+    return 2 * self.num_experts * dim
+
+  def router_params(self, dim: int) -> int:
+    """Parameters besides the experts: W_q [C, H, Dk], sub-keys [H_k, 2, n, Dk/2], qk-norm gains."""
+    check_int("PEERConfig.router_params", "dim", dim)
+    h, hk, dk = self.heads, self.key_heads, self.key_dim
+    count = dim * h * dk + hk * self.n_keys * dk
+    if self.qk_norm:
+      count += h * dk + hk * dk  # query gains [H, Dk], key gains [H_k, 2, Dk/2]
+    return count
+
+  def param_count(self, dim: int) -> int:
+    """Parameters of one PEER block's FFN (``router_params + expert_params``)."""
+    return self.router_params(dim) + self.expert_params(dim)
+
+  def active_params(self, dim: int) -> int:
+    """Parameters one token's forward reads: the router (every sub-key is scored) and 2 C per retrieved expert."""
+    return self.router_params(dim) + self.heads * self.top_k * 2 * dim
+
+  def flops_breakdown(self, dim: int) -> dict:
+    """Forward FLOPs of one PEER block for one token, by term (multiply-add = 2 FLOPs).
+
+    query ``2 C H Dk``; key_scores ``2 H n Dk`` (each head scores its two halves against n sub-keys);
+    candidates ``H k^2`` (the k x k grid sums); router ``3 H k`` (softmax or sigmoid) and the product
+    ``g * act`` ``H k``; experts_down ``2 C`` per retrieved expert (``<u_i, x>``); experts_up ``2 C``
+    per retrieved expert (the weighted sum of v_i). Not counted: the top-k comparisons, the
+    activation function and qk-norm (as ``MemoryConfig.flops_per_token``).
+    """
+    check_int("PEERConfig.flops_breakdown", "dim", dim)
+    h, k, dk, n = self.heads, self.top_k, self.key_dim, self.n_keys
+    return {"query": 2 * dim * h * dk, "key_scores": 2 * h * n * dk, "candidates": h * k * k,
+            "router": 3 * h * k + h * k, "experts_down": 2 * dim * h * k, "experts_up": 2 * dim * h * k}
+
+  def flops_per_token(self, dim: int) -> int:
+    """The sum of ``flops_breakdown``: ``2 C H Dk + 2 H n Dk + H k^2 + 4 H k + 4 C H k``."""
+    return sum(self.flops_breakdown(dim).values())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Checked):
   """``config.model``: a pre-norm decoder-only LM (RMSNorm, RoPE, causal attention, SwiGLU FFN).
 
   Each block's feed-forward is a memory layer if its index is in ``memory.layers``, an MoE if in
-  ``moe.layers``, else a dense SwiGLU FFN of width ``mlp_dim``. ``vocab_size`` 0 means "the
+  ``moe.layers``, a PEER block if in ``peer.layers`` (a block is one kind), else a dense SwiGLU FFN
+  of width ``mlp_dim``. ``vocab_size`` 0 means "the
   tokenizer's": the trainer fills it in (``Config.with_vocab``) before a model is built.
   ``dtype``: the compute dtype (``bfloat16``: matmuls and activations in bf16; parameters stay fp32
   master weights, the loss, softmaxes and value gradients fp32). ``remat``: activation
@@ -441,6 +564,7 @@ class ModelConfig(_Checked):
   remat: str = "none"
   memory: LMMemoryConfig = LMMemoryConfig()
   moe: MoEConfig = MoEConfig()
+  peer: PEERConfig = PEERConfig()
 
   def __post_init__(self):
     self._ints("vocab_size", low=0)
@@ -451,21 +575,29 @@ class ModelConfig(_Checked):
     self._bools("tie_embeddings")
     if self.head_dim % 2:
       self._fail("head_dim", "must be even (RoPE rotates pairs)")
-    for owner, layers in (("memory", self.memory.layers), ("moe", self.moe.layers)):
+    if not isinstance(self.peer, PEERConfig):
+      self._fail("peer", "must be a PEERConfig")
+    kinds = (("memory", self.memory.layers), ("moe", self.moe.layers), ("peer", self.peer.layers))
+    for owner, layers in kinds:
       if any(not 0 <= i < self.num_layers for i in layers):
         raise self._error(f"{type(self).__name__}.{owner}", "layers", layers,
                           f"every index must be in [0, num_layers={self.num_layers})")
-    both = set(self.memory.layers) & set(self.moe.layers)
-    if both:
-      raise self._error(f"{type(self).__name__}.moe", "layers", self.moe.layers,
-                        f"overlaps memory.layers at {sorted(both)}")
+    # A block is one kind: each later field is checked against the earlier ones.
+    for j, (owner, layers) in enumerate(kinds):
+      for other, earlier in kinds[:j]:
+        both = set(earlier) & set(layers)
+        if both:
+          raise self._error(f"{type(self).__name__}.{owner}", "layers", layers,
+                            f"overlaps {other}.layers at {sorted(both)}: a block is one kind")
 
   def block_kind(self, i: int) -> str:
-    """"memory", "moe" or "dense" for block ``i``."""
+    """"memory", "moe", "peer" or "dense" for block ``i``."""
     if i in self.memory.layers:
       return "memory"
     if i in self.moe.layers:
       return "moe"
+    if i in self.peer.layers:
+      return "peer"
     return "dense"
 
   @property
@@ -474,7 +606,8 @@ class ModelConfig(_Checked):
 
   # ----- formulas -----
   def param_counts(self) -> dict:
-    """{"total", "active", "values", "embedding"}: active = parameters a token's forward touches."""
+    """{"total", "active", "values", "experts", "embedding"}: active = parameters a token's forward
+    touches; values = the memory value tables; experts = the PEER expert tables (down and up)."""
     c, v = self.dim, self.vocab_size
     attn = c * self.num_heads * self.head_dim * 4
     norms = 2 * c
@@ -493,6 +626,9 @@ class ModelConfig(_Checked):
       elif kind == "moe":
         total += moe_total
         active += moe_active
+      elif kind == "peer":
+        total += self.peer.param_count(c)
+        active += self.peer.active_params(c)
       else:
         total += mem.layer_params(c)
         active += mem.layer_params(c) - mem.heads * mem.n_keys * mem.key_dim  # keys: O(n) are read
@@ -503,7 +639,8 @@ class ModelConfig(_Checked):
     embedding = v * c * (1 if self.tie_embeddings else 2)
     total += values + embedding + c  # final norm
     active += embedding + c
-    return {"total": total, "active": active, "values": values, "embedding": embedding}
+    experts = len(self.peer.layers) * self.peer.expert_params(c)
+    return {"total": total, "active": active, "values": values, "experts": experts, "embedding": embedding}
 
   def flops_per_token(self, seq_len: int) -> int:
     """Forward FLOPs per token (matmuls; attention scores with the full causal window averaged)."""
@@ -517,6 +654,8 @@ class ModelConfig(_Checked):
         flops += 2 * 3 * c * self.mlp_dim
       elif kind == "moe":
         flops += 2 * c * self.moe.num_experts + self.moe.top_k * 2 * 3 * c * self.moe_mlp_dim
+      elif kind == "peer":
+        flops += self.peer.flops_per_token(c)
       else:
         flops += self.memory.layer.flops_per_token(c)
     flops += 2 * c * self.vocab_size  # unembedding

@@ -34,13 +34,13 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memjax.config import (Config, ConfigError, LMMemoryConfig, MemoryConfig, ModelConfig, MoEConfig, check_int,
-                           format_layers, parse_layers)
+from memjax.config import (Config, ConfigError, LMMemoryConfig, MemoryConfig, ModelConfig, MoEConfig, PEERConfig,
+                           check_int, format_layers, parse_layers)
 
 # model.memory holds its layer's fields directly.
 _FLATTENED = {(LMMemoryConfig, "layer")}
 # Fields holding block indices: strings in the dict form, parsed against model.num_layers.
-_LAYER_FIELDS = {(LMMemoryConfig, "layers"), (MoEConfig, "layers")}
+_LAYER_FIELDS = {(LMMemoryConfig, "layers"), (MoEConfig, "layers"), (PEERConfig, "layers")}
 _NONE_TEXT = ("", "none", "None", "null")
 
 
@@ -310,13 +310,15 @@ def apply_overrides(raw: Any, overrides: Sequence[tuple[str, str]], *, flag_pref
 def shape_fields(cfg: Config) -> dict:
   """Flat ``{dotted field: value}`` of everything that determines the checkpoint's array shapes."""
   d = config_to_dict(cfg)
-  out = {f"model.{k}": v for k, v in d["model"].items() if k not in ("memory", "moe", "dtype", "rope_theta")}
+  out = {f"model.{k}": v for k, v in d["model"].items() if k not in ("memory", "moe", "peer", "dtype", "rope_theta")}
   init_only = ("key_init_scale", "value_init_std", "out_init_std")
   layer_keys = [f.name for f in _fields(MemoryConfig) if f.name not in init_only]
   for k in layer_keys + ["layers", "shared", "value_update"]:
     out[f"model.memory.{k}"] = d["model"]["memory"][k]
   for k in ("layers", "num_experts", "mlp_dim"):
     out[f"model.moe.{k}"] = d["model"]["moe"][k]
+  for k in ("layers", "num_experts", "heads", "key_dim", "shared_keys", "qk_norm"):
+    out[f"model.peer.{k}"] = d["model"]["peer"][k]
   return out
 
 

@@ -1,4 +1,4 @@
-"""A decoder-only LM whose blocks choose their feed-forward: dense SwiGLU, memory / Memory+, or MoE.
+"""A decoder-only LM whose blocks choose their feed-forward: dense SwiGLU, memory / Memory+, MoE or PEER.
 
 Shapes:
   B batch   T sequence   C model width   V vocabulary   N query heads   Dh head width
@@ -9,10 +9,11 @@ Block (pre-norm):  h = x + Attn(norm(x));  out = h + FFN(norm(h))  with FFN one 
   memory:  ``ProductKeyMemory`` (Memory+ when swilu), all memory blocks reading one ``ValueTable``
            when ``memory.shared``
   moe:     top-k routed SwiGLU experts with a load-balancing loss (``memjax.moe``)
+  peer:    product-key retrieval of single-neuron experts (``memjax.peer``), per token
 
 Attention is causal and, when ``segment_ids`` are given, restricted to the same packed document.
 ``__call__`` returns ``(logits [B, T, V] fp32, aux)`` with ``aux = {"moe_loss": scalar,
-"memory": [MemoryOutput per memory block]}``.
+"memory": [MemoryOutput per memory block], "peer": [PEEROutput per PEER block]}``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flax import nnx
 from memjax.config import COMPUTE_DTYPES, ModelConfig
 from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable
 from memjax.moe import MoE
+from memjax.peer import PEER, PEEROutput
 from memjax.nn import normal_param, param, rms_norm
 from memjax.sharding import EMBED, HEAD_DIM, HEADS, MLP, VOCAB
 
@@ -143,6 +145,8 @@ class Block(nnx.Module):
       self.ffn = SwiGLU(cfg.dim, cfg.mlp_dim, cfg.num_layers, rngs=rngs)
     elif self.kind == "moe":
       self.ffn = MoE(cfg.dim, cfg.moe, cfg.moe_mlp_dim, cfg.num_layers, rngs=rngs)
+    elif self.kind == "peer":
+      self.ffn = PEER(cfg.dim, cfg.peer, rngs=rngs)
     else:
       self.ffn = ProductKeyMemory(cfg.dim, cfg.memory.layer, values=pool, backend=backend,
                                   value_sharding=cfg.memory.value_sharding, rngs=rngs)
@@ -163,6 +167,9 @@ class Block(nnx.Module):
       out = self.ffn(y)
     elif self.kind == "moe":
       out, aux["moe_loss"] = self.ffn(y, dropless=dropless)
+    elif self.kind == "peer":
+      r = self.ffn.read(y)
+      out, aux["peer"] = r.out, r
     else:
       r = self.ffn.read(y, value_tap=value_tap, read_mask=read_mask)
       out, aux["memory"] = r.out, r
@@ -236,6 +243,7 @@ class LM(nnx.Module):
     mask = attention_mask(segment_ids_BxT)
     moe_loss = jnp.zeros((), jnp.float32)
     memory: list[MemoryOutput] = []
+    peer: list[PEEROutput] = []
     taps = list(value_taps) if value_taps is not None else None
     masks = list(read_masks) if read_masks is not None else None
     call = _rematerialised(self.cfg.remat)
@@ -250,7 +258,9 @@ class LM(nnx.Module):
         moe_loss = moe_loss + aux["moe_loss"]
       if "memory" in aux:
         memory.append(aux["memory"])
-    return self.unembedding(x), {"moe_loss": moe_loss, "memory": memory}
+      if "peer" in aux:
+        peer.append(aux["peer"])
+    return self.unembedding(x), {"moe_loss": moe_loss, "memory": memory, "peer": peer}
 
   def unembedding(self, x_BxTxC):
     """Final norm and output projection: [B, T, C] -> logits [B, T, V] fp32."""

@@ -28,13 +28,19 @@ def test_dense_family_hits_flop_multiples(preset):
 
 
 @pytest.mark.parametrize("preset", sorted(knowledge.PRESETS))
-def test_moe_matches_memory_plus_in_flops_and_params(preset):
+def test_moe_and_peer_match_memory_plus_in_flops_and_params(preset):
   table = knowledge.variants(knowledge.PRESETS[preset], VOCAB)
   moe = _runs.model_figures(table["moe"], VOCAB)
   mp = _runs.model_figures(table["memory_plus"], VOCAB)
   assert abs(moe["flops_per_token"] / mp["flops_per_token"] - 1) < 0.1
   assert abs(moe["params_total"] / mp["params_total"] - 1) < 0.1
   assert table["moe"]["model.moe.layers"] == table["memory_plus"]["model.memory.layers"]
+  # PEER likewise: matched in both, at the same layers, with Memory+'s key width.
+  peer = _runs.model_figures(table["peer"], VOCAB)
+  assert abs(peer["flops_per_token"] / mp["flops_per_token"] - 1) < 0.1
+  assert abs(peer["params_total"] / mp["params_total"] - 1) < 0.1
+  assert table["peer"]["model.peer.layers"] == table["memory_plus"]["model.memory.layers"]
+  assert table["peer"]["model.peer.key_dim"] == table["memory_plus"]["model.memory.key_dim"]
   # Memory and Memory+ cost at most the dense base's FLOPs (+10%) while holding more parameters.
   dense = _runs.model_figures(table["dense_1x"], VOCAB)
   for name in ("memory", "memory_plus"):

@@ -24,11 +24,12 @@ def _flops(name):
 
 def test_matched_family_flops_within_10_percent_of_dense():
   dense, _ = _flops("dense")
-  for name in ("memory", "memory_plus", "moe"):
+  for name in ("memory", "memory_plus", "moe", "peer"):
     flops, cfg = _flops(name)
     assert 0.9 * dense <= flops <= 1.1 * dense, (name, flops, dense)
   assert _flops("memory_plus")[1].model.memory.layers == (1, 3, 5)
   assert _flops("memory")[1].model.memory.layers == (3,)
+  assert _flops("peer")[1].model.peer.layers == (3,)
 
 
 def test_base_is_the_dataclass_defaults():

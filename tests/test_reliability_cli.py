@@ -52,6 +52,11 @@ BAD_CONFIGS = [
     ({"model.moe.layers": "0", "model.moe.top_k": 9}, "model.moe.top_k"),
     ({"model.moe.capacity_factor": 0.0}, "model.moe.capacity_factor"),
     ({"model.moe.layers": "1"}, "model.moe.layers"),  # overlaps model.memory.layers
+    # model.peer
+    ({"model.peer.num_experts": 1000}, "model.peer.num_experts"),
+    ({"model.peer.layers": "0", "model.peer.num_experts": 64, "model.peer.top_k": 9}, "model.peer.top_k"),
+    ({"model.peer.activation": "tanh"}, "model.peer.activation"),
+    ({"model.peer.layers": "1"}, "model.peer.layers"),  # overlaps model.memory.layers
     # train
     ({"train.steps": 0}, "train.steps"),
     ({"train.batch_size": "8"}, "train.batch_size"),

@@ -126,6 +126,11 @@ def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str, compiler: str 
     ffn = {"dense": 4 * cfg.mlp_dim, "moe": 4 * cfg.moe.top_k * cfg.moe_mlp_dim + cfg.moe.num_experts}
   if kind in ffn:
     return attn + ffn[kind]
+  if kind == "peer":  # a formula by analogy with the memory layer's, not fitted to memory_analysis
+    p = cfg.peer
+    h, k, n, dk = p.heads, p.top_k, p.n_keys, p.key_dim
+    peer = 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + h * k * c + 2 * c  # + the gathered u_i rows
+    return attn + (peer // 2 if compiler == "tpu" else peer)
   mem = cfg.memory.layer
   h, k, n, dk, dv = mem.heads, mem.k, mem.n_keys, mem.key_dim, mem.value_dim
   memory = 2 * h * dk + 2 * h * 2 * n + 3 * h * k * k + 4 * h * k + 5 * dv
@@ -140,6 +145,9 @@ def _matmul_floats(cfg: ModelConfig, kind: str) -> int:
     return attn + 2 * cfg.mlp_dim + c
   if kind == "moe":
     return attn + cfg.moe.num_experts + cfg.moe.top_k * (2 * cfg.moe_mlp_dim + c)
+  if kind == "peer":
+    p = cfg.peer
+    return attn + p.heads * p.key_dim + 2 * p.heads * p.top_k + c  # query; <u_i, x> and weights; the bag
   mem = cfg.memory.layer
   return attn + mem.heads * mem.key_dim + 2 * mem.value_dim + c  # query; W1 and the read; W2
 

@@ -2,7 +2,9 @@
 
 ``evaluate(cfg, steps, state, pipe)`` returns the flat metrics the loop logs (the README's metrics
 contract): ``val_loss``; the memory usage statistics of the validation lookups (``used``, ``kl``,
-``gini``, ``top50/90/99``, prefixed by the pool when a model has several); and, when QA items are
+``gini``, ``top50/90/99``, prefixed by the pool when a model has several); the same statistics of
+the experts PEER blocks retrieve (``peer/used``, ``peer/kl``, ...; ``peer/<block>/used`` ... when a model
+has several PEER blocks, each over its own experts, weighted by the gates); and, when QA items are
 configured, ``qa_exact_match``, ``qa_n``, ``qa_chance`` and ``qa_exact_match/<attribute>`` (decoded
 with the KV cache, ``memjax.generation``, in a single-process run; by re-running the window otherwise);
 with ``data.kb_questions``, ``qa_question_exact_match`` and ``qa_question_n``: the question form
@@ -52,6 +54,8 @@ def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
   """Validation loss, memory usage over the validation lookups, and QA exact match."""
   out: dict[str, Any] = {}
   lookups_by_pool: dict[str, list] = {}
+  peer_blocks = [i for i in range(cfg.model.num_layers) if cfg.model.block_kind(i) == "peer"]
+  peer_reads: dict[int, list] = {}
   if pipe.validation is not None and cfg.eval.eval_batches > 0:
     it = pipe.validation()
     total, count = 0.0, 0.0
@@ -68,6 +72,8 @@ def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
         for j in pool.readers:
           idx, w = metrics["lookups"][j]
           lookups_by_pool.setdefault(pool.key, []).append((np.asarray(idx), np.asarray(w)))
+      for block, (idx, g) in zip(peer_blocks, metrics.get("peer_lookups", ())):
+        peer_reads.setdefault(block, []).append((np.asarray(idx), np.asarray(g)))
     if count:
       out["val_loss"] = total / count
   num_slots = cfg.model.memory.layer.num_slots
@@ -76,6 +82,12 @@ def evaluate(cfg: Config, steps: Steps, state, pipe) -> dict:
     w = np.concatenate([p[1].reshape(-1) for p in pairs])
     usage = memory_usage(jnp.asarray(idx), jnp.asarray(w), num_slots)
     prefix = "" if len(lookups_by_pool) == 1 else key + "/"
+    out.update({prefix + k: float(v) for k, v in usage.items()})
+  for block, pairs in peer_reads.items():
+    idx = np.concatenate([p[0].reshape(-1) for p in pairs])
+    g = np.concatenate([p[1].reshape(-1) for p in pairs])
+    usage = memory_usage(jnp.asarray(idx), jnp.asarray(g), cfg.model.peer.num_experts)
+    prefix = "peer/" if len(peer_reads) == 1 else f"peer/{block}/"
     out.update({prefix + k: float(v) for k, v in usage.items()})
   items = list(pipe.qa_items)
   questions = list(getattr(pipe, "qa_question_items", []))

@@ -50,13 +50,15 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
 
 
 class LossAux(NamedTuple):
-  """What the loss returns beside itself: cross-entropy, MoE balancing loss, tokens counted, and each
-  memory block's lookup ``(indices [B, T, H, k], weights [B, T, H, k])``."""
+  """What the loss returns beside itself: cross-entropy, MoE balancing loss, tokens counted, each
+  memory block's lookup ``(indices [B, T, H, k], weights [B, T, H, k])``, and each PEER block's
+  ``(experts [B, T, H, k], gates [B, T, H, k])``."""
 
   ce: jax.Array
   moe_loss: jax.Array
   tokens: jax.Array
   lookups: list
+  peer_lookups: tuple = ()
 
 
 class PoolTaps(NamedTuple):
@@ -92,7 +94,7 @@ class StepFns:
   start: Any  # (params, values, stats) -> state with a fresh optimizer state
   grads: Any  # (state, batch) -> (loss, LossAux, param grads, value grads)
   train_step: Any  # (state, batch) -> (state, metrics)
-  eval_step: Any  # (state, batch) -> {"ce", "tokens", "lookups"}
+  eval_step: Any  # (state, batch) -> {"ce", "tokens", "lookups", "peer_lookups" (not when finetuning)}
   logits: Any  # (state, tokens [B, T] int32) -> logits [B, T, V] fp32
   finetune: str | None = None
   merged_params: Any = None  # state -> the parameters to export ("lora": base + adapters); None: params
@@ -151,7 +153,8 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], value_taps=taps)
     ce, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     lookups = [(r.indices, r.weights) for r in aux["memory"]]
-    return ce + aux["moe_loss"], LossAux(ce, aux["moe_loss"], count, lookups)
+    peer = tuple((r.indices, r.gates) for r in aux["peer"])
+    return ce + aux["moe_loss"], LossAux(ce, aux["moe_loss"], count, lookups, peer)
 
   def sparse_taps(params, values, batch):
     """Loss, aux, param grads and ``{pool key: PoolTaps}``: the value tables are read under
@@ -275,7 +278,7 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
 
   def eval_step(state, batch):
     _, aux = forward(state["params"], state["values"], batch, None)
-    return {"ce": aux.ce, "tokens": aux.tokens, "lookups": aux.lookups}
+    return {"ce": aux.ce, "tokens": aux.tokens, "lookups": aux.lookups, "peer_lookups": aux.peer_lookups}
 
   def logits(state, tokens_BxT):
     return merge_model(graphdef, state["params"], state["values"])(tokens_BxT)[0]
