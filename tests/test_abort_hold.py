@@ -76,6 +76,24 @@ def test_the_terminate_report_gives_way_to_the_verdict():
   assert out == [b"step 5 loss 3.1\n", verdict] and not fatal
 
 
+_TRACEBACK = [b"Exception in thread Thread-3 (save):\n", b"Traceback (most recent call last):\n",
+              b'  File "x.py", line 3, in save\n', b"    npy_value = self._value()\n",
+              b"jax.errors.JaxRuntimeError: UNKNOWN: Gloo AllGather failed: Read error: Connection reset by peer\n"]
+
+
+def test_a_collective_failures_traceback_gives_way_to_the_verdict_and_other_tracebacks_pass():
+  verdict = b"error: process 1 of 2 was lost (no heartbeat for 10 s); process 0 stops without saving.\n"
+  out, _ = _filtered([b"step 5 loss 3.1\n", *_TRACEBACK, verdict])
+  assert out == [b"step 5 loss 3.1\n", verdict]
+  out, _ = _filtered([*_TRACEBACK, b"step 6 loss 3.0\n"])  # no verdict: everything is printed, in order
+  assert out == [*_TRACEBACK, b"step 6 loss 3.0\n"]
+  other = [b"Traceback (most recent call last):\n", b'  File "y.py", line 1\n', b"ValueError: bad\n"]
+  f = StderrFilter()
+  assert [o for line in other for o in f.feed(line)] == other  # printed as soon as it is whole
+  cut = [b"Traceback (most recent call last):\n", b'  File "y.py", line 1\n']
+  assert _filtered(cut)[0] == cut  # a report cut off by the end is printed at the end
+
+
 def test_coordination_log_lines_are_held_and_a_fatal_abort_drops_the_rest():
   glog = b"E1202 13:40:01.123456   42 coordination_service_agent.cc:300] heartbeat late\n"
   out, fatal = _filtered([glog, b"step 6 loss 3.0\n"])
@@ -83,3 +101,34 @@ def test_coordination_log_lines_are_held_and_a_fatal_abort_drops_the_rest():
   out, fatal = _filtered([glog, b"F1202 ... Terminating process because the JAX distributed service detected fatal errors\n",
                           b"*** stack\n"])
   assert out == [] and fatal
+
+
+_NATIVE = textwrap.dedent("""
+    import ctypes, time
+    from memjax.train import distributed
+    assert distributed.start_native_watchdog(1.5, "error: process 1 of 2 was lost (blocked)")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:  # a Python watchdog completing its rounds
+      distributed.pet_native_watchdog()
+      time.sleep(0.2)
+    print("alive after petting", flush=True)
+    if {hold_gil}:
+      ctypes.PyDLL(None).sleep(20)  # a C call that blocks with the GIL held: no Python thread can run
+    print("not reached" if {hold_gil} else "stopped", flush=True)
+    distributed.stop_native_watchdog()
+    time.sleep(2.5)
+""")
+
+
+@pytest.mark.parametrize("hold_gil", [True, False], ids=["gil_held", "petted"])
+def test_the_native_watchdog_ends_a_process_whose_python_threads_cannot_run(hold_gil):
+  t0 = time.monotonic()
+  out = subprocess.run([sys.executable, "-c", _NATIVE.format(hold_gil=hold_gil)], capture_output=True, text=True,
+                       timeout=60)
+  waited = time.monotonic() - t0
+  assert "alive after petting" in out.stdout, out.stderr
+  if hold_gil:
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == ["error: process 1 of 2 was lost (blocked)"]
+    assert "not reached" not in out.stdout and waited < 15
+  else:
+    assert out.returncode == 0 and out.stderr.strip() == "" and "stopped" in out.stdout

@@ -140,9 +140,11 @@ class Watchdog(threading.Thread):
         elif now - (last[1] if last else started) > self.lost_after:
           self._lose(peer, f"no heartbeat for {self.lost_after:.0f} s")
       self._round_done = time.monotonic()
+      pet_native_watchdog()
 
   def stop(self) -> None:
     self._stop_event.set()
+    stop_native_watchdog()
 
 
 def initialize(*, coordinator_address: str | None, num_processes: int | None, process_id: int | None,
@@ -173,10 +175,17 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
     _watchdog.start()
     if jax.devices()[0].platform == "cpu":  # gloo carries the collectives
       hold = lost_after + 2 * HEARTBEAT_SECONDS + 5
-      hold_aborts(hold, f"error: process {jax.process_index()} of {jax.process_count()} aborted inside a "
-                  f"collective (the collectives library's message is above) and no process was found lost within "
-                  f"{hold:.0f} s; it stops without saving. Restart every process with the same command: the run "
-                  "resumes from the newest checkpoint all processes finished")
+      me, count = jax.process_index(), jax.process_count()
+      hold_aborts(hold, f"error: process {me} of {count} aborted inside a collective (the collectives library's "
+                  f"message is above) and no process was found lost within {hold:.0f} s; it stops without saving. "
+                  "Restart every process with the same command: the run resumes from the newest checkpoint all "
+                  "processes finished")
+      who = f"process {1 - me} of 2" if count == 2 else "another process of the run"
+      quiet = lost_after + 2 * HEARTBEAT_SECONDS
+      start_native_watchdog(quiet, f"error: {who} was lost (process {me} was blocked in a collective with it for "
+                            f"{quiet:.0f} s, its watchdog unable to run); process {me} stops without saving. Restart "
+                            "every process with the same command: the run resumes from the newest checkpoint all "
+                            "processes finished")
     # SIGINT (Ctrl-C on one host) becomes a stop request like SIGTERM: the preemption sync manager
     # then stops every process at the same step.
     signal.signal(signal.SIGINT, _on_sigint)
@@ -185,31 +194,72 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
 _ABORT_HOLD_SOURCE = pathlib.Path(__file__).with_name("abort_hold.c")
 
 
-def hold_aborts(seconds: float, line: str) -> bool:
-  """Makes SIGABRT park the aborting thread for up to ``seconds`` (the watchdog ends the process
-  first if a peer was lost), then print ``line`` and exit with code 1. Builds ``abort_hold.c`` with
-  the system C compiler once (cached beside the CPU kernels); returns False, changing nothing, where
-  that is not possible."""
+def _native_library():
+  """``abort_hold.c`` built with the system C compiler once (cached beside the CPU kernels), or None."""
+  if "lib" in _native:
+    return _native["lib"]
+  _native["lib"] = None
   from memjax.kernels import cpu
   cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
   if cc is None or not _ABORT_HOLD_SOURCE.exists():
-    return False
+    return None
   source = _ABORT_HOLD_SOURCE.read_bytes()
   path = cpu.cache_dir() / f"memjax_abort_hold_{hashlib.sha256(source + cc.encode()).hexdigest()[:16]}.so"
   try:
     if not path.exists():
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", str(_ABORT_HOLD_SOURCE), "-o", str(tmp)],
+      proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", str(_ABORT_HOLD_SOURCE), "-o", str(tmp)],
                             capture_output=True, timeout=120)
       if proc.returncode != 0:
-        return False
+        return None
       os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
     lib.memjax_hold_aborts.argtypes = [ctypes.c_double, ctypes.c_char_p]
-    return lib.memjax_hold_aborts(float(seconds), (line.rstrip() + "\n").encode()) == 0
+    lib.memjax_native_watchdog_start.argtypes = [ctypes.c_double, ctypes.c_char_p]
+    lib.memjax_native_watchdog_pet.argtypes = []
+    lib.memjax_native_watchdog_stop.argtypes = []
   except (OSError, subprocess.SubprocessError, AttributeError):
-    return False
+    return None
+  _native["lib"] = lib
+  return lib
+
+
+_native: dict = {}
+
+
+def hold_aborts(seconds: float, line: str) -> bool:
+  """Makes SIGABRT park the aborting thread for up to ``seconds`` (the watchdog ends the process
+  first if a peer was lost), then print ``line`` and exit with code 1 (``abort_hold.c``). Returns
+  False, changing nothing, where the C library cannot be built.
+
+  Example:
+    >>> hold_aborts(40.0, "error: ...")   # doctest: +SKIP
+    True
+  """
+  lib = _native_library()
+  return lib is not None and lib.memjax_hold_aborts(float(seconds), (line.rstrip() + "\n").encode()) == 0
+
+
+def start_native_watchdog(seconds: float, line: str) -> bool:
+  """Starts a thread outside Python that prints ``line`` and exits with code 1 once the Python
+  watchdog has not completed a round (``pet_native_watchdog``) for ``seconds`` (a main thread
+  blocked in a collective can hold the GIL, and then no Python thread runs). False where the C
+  library cannot be built."""
+  lib = _native_library()
+  return lib is not None and lib.memjax_native_watchdog_start(float(seconds), (line.rstrip() + "\n").encode()) == 0
+
+
+def pet_native_watchdog() -> None:
+  lib = _native.get("lib")
+  if lib is not None:
+    lib.memjax_native_watchdog_pet()
+
+
+def stop_native_watchdog() -> None:
+  lib = _native.get("lib")
+  if lib is not None:
+    lib.memjax_native_watchdog_stop()
 
 
 def _on_sigint(signum, frame) -> None:
@@ -242,6 +292,7 @@ def finish(code: int) -> int:
   import jax
   _exit_code[0] = code
   _finishing.set()
+  stop_native_watchdog()  # a peer still writing the export may keep this one waiting in the barrier
   jax.distributed.shutdown()
   _watchdog.stop()
   return code

@@ -6,8 +6,9 @@ can run, and JAX offers no Python hook for it. So with several processes ``train
 training in a child process (``python -m memjax.train.main``, the same flags) and:
 
 * passes the child's stdout through untouched, and its stderr line by line (``StderrFilter``),
-  holding back the coordination service's own log lines and the C++ runtime's report of an abort
-  inside the collectives library (dropped when the watchdog then names a lost process); when the child reports that the coordination service is
+  holding back the coordination service's own log lines and the reports of a collective that failed
+  with a dead peer (a C++ abort inside gloo, a Python traceback of the failed collective), dropped
+  when the watchdog then names the lost process; when the child reports that the coordination service is
   gone, the rest (the stack dump) is dropped and one line is printed instead, exit code 1;
 * forwards SIGTERM and SIGINT to the child (JAX's preemption sync manager then stops every process
   at the same step);
@@ -78,37 +79,61 @@ class StderrFilter:
   """The child's stderr, line by line: what to print now (``feed``), and what is left at the end (``end``).
 
   Holds back the coordination service's log lines (printed with the next ordinary line), sets
-  ``fatal`` at the coordination client's fatal abort (the rest is dropped), and holds the C++
-  runtime's "terminate called after throwing ..." block of an abort inside the collectives library
-  until it is known whether the watchdog names a lost process (then the block is dropped: the
-  verdict line says it all) or not (then it is printed)."""
+  ``fatal`` at the coordination client's fatal abort (the rest is dropped), and holds the report of
+  a collective that failed because a peer died (the C++ runtime's "terminate called after throwing
+  ..." block of an abort inside gloo, or a Python traceback ending in a ``JaxRuntimeError`` of a
+  collective) until it is known whether the watchdog names a lost process (then the report is
+  dropped: the verdict line says it all) or not (then it is printed)."""
+
+  _TRACEBACK_STARTS = ("Traceback (most recent call last):", "Exception in thread")
+  _TRACEBACK_INNER = ("Traceback (most recent call last):", "During handling of the above exception",
+                      "The above exception was the direct cause")
+  _COLLECTIVE_FAILURE = ("Gloo", "gloo", "collective", "Connection reset by peer", "DEADLINE_EXCEEDED")
 
   def __init__(self):
     self.held: list[bytes] = []
     self.fatal = False
-    self._terminate = False  # the held lines include a C++ terminate block
+    self._failure = False  # the held lines include a failure report
+    self._traceback: list[bytes] | None = None  # a Python traceback being read
+
+  def _release(self, lines: list[bytes]) -> list[bytes]:
+    out, self.held, self._failure = self.held + lines, [], False
+    return out
 
   def feed(self, line: bytes) -> list[bytes]:
     if self.fatal:
       return []
     text = line.decode("utf-8", "replace")
     if any(marker in text for marker in _FATAL):
-      self.fatal, self.held = True, []
+      self.fatal, self.held, self._traceback = True, [], None
+      return []
+    if self._traceback is not None:
+      self._traceback.append(line)
+      if text.startswith((" ", "\t") + self._TRACEBACK_INNER) or not text.strip():
+        return []
+      block, self._traceback = self._traceback, None  # ``text`` is the exception line: the block is whole
+      if "JaxRuntimeError" in text and any(m in text for m in self._COLLECTIVE_FAILURE):
+        self.held += block
+        self._failure = True
+        return []
+      return self._release(block)
+    if text.startswith(self._TRACEBACK_STARTS):
+      self._traceback = [line]
       return []
     if text.startswith("terminate called after throwing"):
-      self._terminate = True
+      self._failure = True
       self.held.append(line)
       return []
     if _GLOG.match(text) or (self.held and (text.startswith(_CONTINUATION) or not text.strip())):
       self.held.append(line)  # a coordination log line, or the continuation of one
       return []
-    if self._terminate and text.startswith("error: ") and "was lost" in text:
-      self.held = []  # the watchdog's verdict explains the abort
-    out, self.held, self._terminate = self.held + [line], [], False
-    return out
+    if self._failure and text.startswith("error: ") and "was lost" in text:
+      self.held = []  # the watchdog's verdict explains the failure
+    return self._release([line])
 
   def end(self) -> list[bytes]:
-    out, self.held = self.held, []
+    out = self.held + (self._traceback or [])
+    self.held, self._traceback = [], None
     return out
 
 
