@@ -175,9 +175,10 @@ class _Batch(NamedTuple):
   answer: np.ndarray  # [F, T] bool: the positions that predict an answer token
 
 
-def encode_facts(tokenizer, facts: Sequence[Fact]) -> _Batch:
+def encode_facts(tokenizer, facts: Sequence[Fact], multiple: int = 8) -> _Batch:
   """Step 1: ``[bos] + encode(prompt) + encode(" " + answer)`` per fact, right-padded with ``pad_id`` to
-  a common length (a multiple of 8), with the next-token targets and the answer positions.
+  a common length (a multiple of ``multiple``: fewer shapes to compile), with the next-token targets and
+  the answer positions.
 
   Example:
     >>> from memjax.data.tokenizers import ByteTokenizer
@@ -190,7 +191,7 @@ def encode_facts(tokenizer, facts: Sequence[Fact]) -> _Batch:
     prompt = [tokenizer.bos_id] + tokenizer.encode(f.prompt)
     ids = prompt + tokenizer.encode(" " + f.answer)
     rows.append((ids, len(prompt)))
-  t = -(-max(len(ids) for ids, _ in rows) // 8) * 8
+  t = -(-max(len(ids) for ids, _ in rows) // multiple) * multiple
   tokens = np.full((len(rows), t), tokenizer.pad_id, np.int32)
   targets = np.full((len(rows), t), tokenizer.pad_id, np.int32)
   answer = np.zeros((len(rows), t), bool)
@@ -352,9 +353,42 @@ def produces(model, tokenizer, facts) -> list[bool]:
     [True]
   """
   facts = as_facts(facts)
-  batch = encode_facts(tokenizer, facts)
+  batch = encode_facts(tokenizer, facts, 32)
   lo, _ = _margins(*nnx.split(model), *(jnp.asarray(x) for x in batch))
   return [bool(x) for x in np.asarray(lo) > 0]
+
+
+def background(model, tokenizer, texts, *, window: int = 128, batch_size: int = 1) -> tuple[dict, int]:
+  """``({pool key: df [M]}, number of batches)``: in how many batches of ``texts`` (pretraining-like
+  text, each read as ``[bos] + encode(text)`` in windows of ``window`` tokens, ``batch_size`` windows a
+  batch) each slot was read, for ``write(..., background=, num_background=)``. With the default
+  ``batch_size=1`` a batch is one window (one text, when texts fit the window): on the default model a
+  16-window batch reads 96% of the 4,096 slots, so a per-batch df would tell the slots apart too little.
+
+  Example:
+    >>> df, n = background(model, tok, split_texts(cfg.data, "train")[:256])   # doctest: +SKIP
+  """
+  from memjax.inspect import _batched_reads, _documents
+  from memjax.model import value_pools
+  _check_settings(window=window, batch_size=batch_size)
+  docs = _documents(texts)
+  if not docs:
+    raise ValueError("texts: empty; give at least one text")
+  pools = value_pools(model)
+  num_slots = _num_slots(model)
+  df = {p.key: np.zeros((num_slots,), np.float32) for p in pools}
+  n = 0
+  for chunk, reads in _batched_reads(model, tokenizer, docs, window, batch_size):
+    real = np.zeros((batch_size, window), bool)
+    for r, (_, _, ids) in enumerate(chunk):
+      real[r, :len(ids)] = True
+    for p in pools:
+      seen = np.zeros((num_slots,), bool)
+      for j in p.readers:
+        seen[reads[model.memory_blocks[j]][0][real].reshape(-1)] = True
+      df[p.key] += seen
+    n += 1
+  return df, n
 
 
 def write_slots(model, tokenizer, facts, *, top_t: int = 64, background: Mapping[str, Any] | None = None,
@@ -371,7 +405,7 @@ def write_slots(model, tokenizer, facts, *, top_t: int = 64, background: Mapping
   from memjax.train.finetune import select_slots, slot_reads
   facts = as_facts(facts)
   _check_settings(top_t=top_t, num_background=num_background)
-  batch = encode_facts(tokenizer, facts)
+  batch = encode_facts(tokenizer, facts, 32)
   from memjax.inspect import raw_reads
   reads = raw_reads(model, batch.tokens)
   num_slots = _num_slots(model)
@@ -436,7 +470,7 @@ def write(model, facts, *, tokenizer, top_t: int = 64, steps: int = 200, lr: flo
   facts = as_facts(facts)
   _check_settings(top_t=top_t, steps=steps, lr=lr, optimizer=optimizer, margin=margin, num_background=num_background)
   slots = write_slots(model, tokenizer, facts, top_t=top_t, background=background, num_background=num_background)
-  return _optimize("write", model, encode_facts(tokenizer, facts), slots, steps=steps, lr=lr, optimizer=optimizer,
+  return _optimize("write", model, encode_facts(tokenizer, facts, 32), slots, steps=steps, lr=lr, optimizer=optimizer,
                    margin=margin, width=top_t)
 
 
@@ -466,5 +500,5 @@ def erase(model, facts, *, tokenizer, top_t: int = 16, candidates: int = 64, ste
   _check_settings(top_t=top_t, candidates=candidates, steps=steps, lr=lr, optimizer=optimizer, margin=margin)
   slots = erase_slots(model, tokenizer, facts, top_t=top_t, candidates=candidates)
   width = max([top_t * len(facts)] + [len(v) for v in slots.values()])
-  return _optimize("erase", model, encode_facts(tokenizer, facts), slots, steps=steps, lr=lr, optimizer=optimizer,
+  return _optimize("erase", model, encode_facts(tokenizer, facts, 32), slots, steps=steps, lr=lr, optimizer=optimizer,
                    margin=margin, width=width)

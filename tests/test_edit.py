@@ -123,3 +123,30 @@ def test_bad_settings_raise_naming_the_field(model, kwargs, field):
   for fn in (edit.write, edit.erase):
     with pytest.raises(ValueError, match=f"^{field}="):
       fn(model, [FACT], tokenizer=TOK, **kwargs)
+
+
+def test_background_counts_the_texts_that_read_each_slot(model):
+  """Oracle: per text, the set of slots its window reads (numpy), counted over the texts."""
+  texts = ["Mara was born in Lyon.", "Quill works as a baker.", "Lyon is a city; Mara likes it."]
+  df, n = edit.background(model, TOK, texts, window=32)
+  want = np.zeros(MEM.num_slots)
+  for t in texts:
+    ids = [TOK.bos_id] + TOK.encode(t)
+    idx, _ = raw_reads(model, np.asarray([ids], np.int32))[1]
+    want[np.unique(idx)] += 1
+  assert n == 3 and list(df) == ["blocks/1/ffn/values/values"]
+  np.testing.assert_array_equal(df["blocks/1/ffn/values/values"], want)
+
+
+def test_write_slots_with_a_background_are_the_top_by_tfidf(model):
+  """Oracle: reads at the answer (numpy count) x log((n + 1) / (df + 1)), top 8, ties to the lower slot."""
+  df, n = edit.background(model, TOK, ["Quill works as a baker.", "Mara likes Lyon.", "Quill was born."], window=32)
+  key = "blocks/1/ffn/values/values"
+  batch = edit.encode_facts(TOK, edit.as_facts([FACT]))
+  idx, _ = raw_reads(model, batch.tokens)[1]
+  counts = np.bincount(idx[batch.answer].reshape(-1), minlength=MEM.num_slots).astype(np.float64)
+  score = counts * np.log((n + 1.0) / (df[key] + 1.0))
+  order = sorted(np.flatnonzero(counts), key=lambda s: (-np.float32(score[s]), s))[:8]
+  got = edit.write_slots(model, TOK, [FACT], top_t=8, background=df, num_background=n)
+  assert got == {key: sorted(int(s) for s in order)}
+  assert got != edit.write_slots(model, TOK, [FACT], top_t=8)  # the background changed the choice
