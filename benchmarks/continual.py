@@ -303,7 +303,16 @@ def main(argv=None):
   verdict = judge(rows, pretrained)
 
   # 5. editing
-  edits = editing(os.path.join(pre_dir, "export"), n_edits, preset["probe"]) if n_edits else None
+  edits = None
+  if n_edits:  # kept in the root like the scores: a rerun with the same edits does not redo them
+    cache = os.path.join(scores, f"editing_n{n_edits}_probe{preset['probe']}.json")
+    if os.path.exists(cache):
+      with open(cache) as f:
+        edits = json.load(f)
+    else:
+      edits = editing(os.path.join(pre_dir, "export"), n_edits, preset["probe"])
+      with open(cache, "w") as f:
+        json.dump(edits, f, default=float)
 
   print()
   print(table(rows, pretrained))
