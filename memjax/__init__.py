@@ -20,9 +20,9 @@ _LAZY = {"load_exported": "memjax.train.checkpoint"}
 
 
 def __getattr__(name: str):
-  if name == "inspect":  # the submodule memjax.inspect (memory introspection), imported on first use
-    import importlib
-    return importlib.import_module("memjax.inspect")
+  if name in ("inspect", "edit"):  # the submodules memjax.inspect (memory introspection) and memjax.edit
+    import importlib                # (writing and erasing facts), imported on first use
+    return importlib.import_module(f"memjax.{name}")
   if name in _LAZY:
     import importlib
     value = getattr(importlib.import_module(_LAZY[name]), name)

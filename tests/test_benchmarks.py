@@ -109,3 +109,15 @@ def test_scaling_sweep_end_to_end(tmp_path):
     assert all(0.0 < u <= 1.0 for u in r["used"]) and all(k >= 0.0 for k in r["kl"])
   assert {r["qk_norm"] for r in payload["usage"]} == {True, False}
   assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_continual_judge_applies_the_issue_ratios():
+  import continual
+  pre = {"qa_b": 0.02}
+  row = lambda name, m, qa_b, forget: {"name": name, "method": m, "qa_b": qa_b, "forgetting": forget}
+  base = [row("full", "full", 0.70, 0.60), row("lora", "lora", 0.66, 0.48), row("smf_far", "smf", 0.30, 0.0)]
+  met = continual.judge(base + [row("smf", "smf", 0.64, 0.07)], pre)  # 0.07 <= 0.60 / 8 and <= 0.48 / 6
+  assert met["met"] is True and met["smf_run"] == "smf" and met["smf_at_equal_learning"] == ["smf"]
+  assert continual.judge(base + [row("smf", "smf", 0.64, 0.08)], pre)["met"] is False  # > 0.60 / 8
+  assert continual.judge(base, pre)["met"] is False  # no smf run at 90% of full's learning
+  assert continual.judge([row("full", "full", 0.02, 0.1)], pre)["met"] is None  # full learnt nothing

@@ -14,7 +14,7 @@ SCRIPTS = [["benchmarks/data_pipeline.py"], ["benchmarks/embedding_bag.py"], ["b
            ["benchmarks/step_profile.py"], ["benchmarks/topk_compile.py"],
            ["benchmarks/plan_check.py", "--config=configs/tiny.py"], ["-m", "memjax.plan", "--config=configs/tiny.py"],
            ["-m", "memjax.demo"], ["benchmarks/decode.py"], ["benchmarks/attribution.py"], ["benchmarks/decode_compile.py"],
-           ["-m", "memjax.generate", "--export=x"]]
+           ["-m", "memjax.generate", "--export=x"], ["benchmarks/continual.py"]]
 VALUES = {"benchmarks/data_pipeline.py": ["--repeats=many"], "benchmarks/embedding_bag.py": ["--rounds=many"],
           "benchmarks/kill_soak.py": ["--kills=many"], "benchmarks/knowledge.py": ["--steps=many"],
           "benchmarks/scaling.py": ["--steps=many"], "benchmarks/step_time.py": ["--repeats=many"],
@@ -22,7 +22,8 @@ VALUES = {"benchmarks/data_pipeline.py": ["--repeats=many"], "benchmarks/embeddi
           "benchmarks/step_profile.py": ["--repeats=many"], "benchmarks/topk_compile.py": ["--k=many"],
           "benchmarks/row_grads.py": ["--rounds=many"], "memjax.plan": ["--mesh", "data=x"],
           "memjax.demo": ["--n_keys=many"], "benchmarks/decode.py": ["--steps=many"],
-          "benchmarks/attribution.py": ["--facts=many"], "benchmarks/decode_compile.py": ["--n_keys=many"], "memjax.generate": ["--max_new_tokens=many"]}
+          "benchmarks/attribution.py": ["--facts=many"], "benchmarks/decode_compile.py": ["--n_keys=many"], "memjax.generate": ["--max_new_tokens=many"],
+          "benchmarks/continual.py": ["--edits=many"]}
 
 
 def _run(args):
@@ -51,7 +52,8 @@ def test_bad_values_exit_2_with_one_line(script):
 
 
 @pytest.mark.parametrize("argv,named", [(["benchmarks/step_profile.py", "--families=bogus"], "'bogus'"),
-                                        (["benchmarks/topk_compile.py", "--targets=v9"], "'v9'")])
+                                        (["benchmarks/topk_compile.py", "--targets=v9"], "'v9'"),
+                                        (["benchmarks/continual.py", "--methods=sft"], "'sft'")])
 def test_unknown_choices_are_named_with_the_allowed_ones(argv, named):
   out = _run(argv)
   assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
