@@ -143,3 +143,37 @@ def start_and_wait_for_records(cmd: list[str], workdir, lines: int, *, timeout: 
       break
     time.sleep(0.2)
   return proc
+
+
+def split_record_hash(builder, split: str) -> str:
+  """sha256 over the records of a prepared TFDS split, in the order the prepared files hold them."""
+  import hashlib
+  source = builder.as_data_source(split)
+  h = hashlib.sha256()
+  for i in range(len(source)):
+    r = source[i]
+    h.update(repr(sorted((k, bytes(v) if isinstance(v, bytes) else int(v)) for k, v in r.items())).encode())
+  return h.hexdigest()
+
+
+def train_on_mesh(cfg, sizes, batches, abstract_shape=(8, 32)):
+  """``(losses, state)`` after one train step per batch: on one device without a mesh (the plain
+  read) when ``sizes`` is None, else on ``sharding.make_mesh(sizes)`` with the compiled sharded step."""
+  import jax
+
+  from memjax import sharding
+  from memjax.train.step import jit_steps, make_step_fns
+  fns = make_step_fns(cfg.model, cfg.train)
+  if sizes is None:
+    state, step, put = jax.jit(fns.init)(0), jax.jit(fns.train_step), lambda b: b
+  else:
+    steps = jit_steps(fns, sharding.make_mesh(sizes), cfg.model.memory.value_sharding)
+    with jax.set_mesh(steps.mesh):
+      state = steps.init(0)
+      step = steps.train.trace(*steps.abstract_args(*abstract_shape)).lower().compile()
+    put = lambda b: {k: jax.device_put(v, steps.batch_sharding) for k, v in b.items()}
+  losses = []
+  for b in batches:
+    state, metrics = step(state, put(b))
+    losses.append(float(metrics["loss"]))
+  return losses, state

@@ -1,22 +1,12 @@
 """The synthetic knowledge base: deterministic, every fact asked once, every phrasing trained."""
 
 import collections
-import hashlib
 import re
 
 import pytest
 
+from helpers import split_record_hash
 from memjax.data import knowledge as kb
-
-
-def _record_hash(builder, split):
-  """sha256 over the records of a split, in the order the prepared files hold them."""
-  source = builder.as_data_source(split)
-  h = hashlib.sha256()
-  for i in range(len(source)):
-    r = source[i]
-    h.update(repr(sorted((k, bytes(v) if isinstance(v, bytes) else int(v)) for k, v in r.items())).encode())
-  return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +19,8 @@ def test_generation_is_deterministic_and_seeded(tiny, tmp_path):
   other = kb.prepare_knowledge(tmp_path / "other", "tiny", 1)
   assert other.builder_config.name == "tiny_seed1"
   for split in ("train", "validation", "qa", "train_questions", "qa_question"):
-    assert _record_hash(tiny, split) == _record_hash(again, split), split
-    assert _record_hash(tiny, split) != _record_hash(other, split), split
+    assert split_record_hash(tiny, split) == split_record_hash(again, split), split
+    assert split_record_hash(tiny, split) != split_record_hash(other, split), split
 
 
 def test_sizes_and_splits(tiny):

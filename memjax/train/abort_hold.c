@@ -22,6 +22,15 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Copies `src` into `dst` (capacity 2048, truncated, NUL-terminated); returns its length. */
+static size_t copy_line(char *dst, const char *src) {
+  size_t n = strlen(src);
+  if (n > 2047) n = 2047;
+  memcpy(dst, src, n);
+  dst[n] = '\0';
+  return n;
+}
+
 static char hold_line[2048];
 static size_t hold_line_len = 0;
 static struct timespec hold_for = {0, 0};
@@ -40,11 +49,7 @@ static void hold_abort(int signum) {
 
 /* Returns 0 once installed, else errno of sigaction. */
 int memjax_hold_aborts(double seconds, const char *line) {
-  size_t n = strlen(line);
-  if (n > sizeof(hold_line) - 1) n = sizeof(hold_line) - 1;
-  memcpy(hold_line, line, n);
-  hold_line[n] = '\0';
-  hold_line_len = n;
+  hold_line_len = copy_line(hold_line, line);
   if (seconds < 0) seconds = 0;
   hold_for.tv_sec = (time_t)seconds;
   hold_for.tv_nsec = (long)((seconds - (double)hold_for.tv_sec) * 1e9);
@@ -85,11 +90,7 @@ static void *watchdog_main(void *unused) {
 
 /* Returns 0 once the thread runs (or already ran), else an errno. */
 int memjax_native_watchdog_start(double seconds, const char *line) {
-  size_t n = strlen(line);
-  if (n > sizeof(watchdog_line) - 1) n = sizeof(watchdog_line) - 1;
-  memcpy(watchdog_line, line, n);
-  watchdog_line[n] = '\0';
-  watchdog_line_len = n;
+  watchdog_line_len = copy_line(watchdog_line, line);
   watchdog_limit = seconds;
   atomic_store(&watchdog_last_pet_ns, now_ns());
   if (atomic_exchange(&watchdog_running, 1)) return 0;

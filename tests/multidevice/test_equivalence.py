@@ -13,10 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import random_batch, tiny_raw
-from memjax import sharding
+from helpers import random_batch, tiny_raw, train_on_mesh
 from memjax.config_bridge import config_from_dict
-from memjax.train.step import jit_steps, make_step_fns
 
 STEPS = 3
 MESHES = {"data8": ("column", dict(data=8, fsdp=1, memory=1)),
@@ -41,19 +39,7 @@ def _flat(state):
 
 def _train(cfg, sizes):
   """Losses, parameters and the first value-table shard's shape after ``STEPS`` steps."""
-  fns = make_step_fns(cfg.model, cfg.train)
-  if sizes is None:  # the reference: one device, no mesh, the plain read
-    state, step, put = jax.jit(fns.init)(0), jax.jit(fns.train_step), lambda b: b
-  else:
-    steps = jit_steps(fns, sharding.make_mesh(sizes), cfg.model.memory.value_sharding)
-    with jax.set_mesh(steps.mesh):
-      state = steps.init(0)
-      step = steps.train.trace(*steps.abstract_args(8, 32)).lower().compile()
-    put = lambda b: {k: jax.device_put(v, steps.batch_sharding) for k, v in b.items()}
-  losses = []
-  for b in BATCHES:
-    state, metrics = step(state, put(b))
-    losses.append(float(metrics["loss"]))
+  losses, state = train_on_mesh(cfg, sizes, BATCHES)
   table = jax.tree.leaves(state["values"])[0]
   return losses, _flat(state), tuple(table.addressable_shards[0].data.shape), table.shape
 

@@ -9,10 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import random_batch, tiny_raw
-from memjax import sharding
+from helpers import random_batch, tiny_raw, train_on_mesh
 from memjax.config_bridge import config_from_dict
-from memjax.train.step import jit_steps, make_step_fns
 
 STEPS = 3
 MESHES = {"data8": dict(data=8, fsdp=1, memory=1), "fsdp_d4f2": dict(data=4, fsdp=2, memory=1),
@@ -34,19 +32,7 @@ def _cfg():
 
 
 def _train(cfg, sizes):
-  fns = make_step_fns(cfg.model, cfg.train)
-  if sizes is None:
-    state, step, put = jax.jit(fns.init)(0), jax.jit(fns.train_step), lambda b: b
-  else:
-    steps = jit_steps(fns, sharding.make_mesh(sizes), cfg.model.memory.value_sharding)
-    with jax.set_mesh(steps.mesh):
-      state = steps.init(0)
-      step = steps.train.trace(*steps.abstract_args(8, 32)).lower().compile()
-    put = lambda b: {k: jax.device_put(v, steps.batch_sharding) for k, v in b.items()}
-  losses = []
-  for b in BATCHES:
-    state, metrics = step(state, put(b))
-    losses.append(float(metrics["loss"]))
+  losses, state = train_on_mesh(cfg, sizes, BATCHES)
   down = state["params"]["blocks"][1]["ffn"]["down"][...]
   flat = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
           for p, x in jax.tree_util.tree_leaves_with_path(state["params"])}
