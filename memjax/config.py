@@ -784,7 +784,8 @@ class DataConfig(_Checked):
     kb_questions: mix the question-form QA pairs ("Q: Which company does X work for? A: ...") of half
       the people (even index) into the knowledge base's training text, and score the question form on
       the other half (``qa_question_exact_match``): the protocol under which questions never phrased
-      like the training text become answerable (Allen-Zhu & Li, Physics of LMs 3.1).
+      like the training text become answerable (Allen-Zhu & Li, Physics of LMs 3.1). Like ``kb``, it
+      has no effect on training when ``text_glob``, ``source`` or ``mixture`` is set.
     source: train on an outside source instead of the knowledge base: ``"tfds:NAME[/CONFIG][:VERSION]"``
       (prepared in ``data_dir``), ``"array_record:GLOB"``, ``"parquet:GLOB"`` or ``"jsonl:GLOB"``
       (``memjax.data.sources``); ``None`` keeps ``text_glob`` / the knowledge base.
@@ -871,8 +872,6 @@ class DataConfig(_Checked):
     self._ints("read_threads", "workers", low=0, high=256)
     self._ints("kb_seed", "seed", low=0, high=2**32 - 1, rule="must be an int in [0, 2**32)")
     self._bools("kb_questions")
-    if self.kb_questions and named:
-      self._fail("kb_questions", f"mixes questions into the knowledge base's text: it cannot be used with {named[0]}")
     if self.text_glob is not None and (not isinstance(self.text_glob, str) or not self.text_glob.strip()):
       self._fail("text_glob", "must be None (use the knowledge base) or a non-empty glob string")
     if not (isinstance(self.validation_fraction, (int, float)) and not isinstance(self.validation_fraction, bool)

@@ -210,8 +210,9 @@ def test_kb_questions_mixes_the_trained_half_into_training_and_scores_the_other(
   assert "Q: " not in one_epoch_text(plain, 80)
   text = one_epoch_text(mixed, 90)  # 80 biographies + 10 question documents
   assert text.count("Q: ") >= 10 * 6 * 0.9  # (a batch boundary may cut a few)
-  with pytest.raises(DataError, match="kb_questions"):
-    pl.make_pipeline(kb_questions=True, text_glob=str(tmp_path / "*.txt"), **common)
+  (tmp_path / "notes.txt").write_text("Some local text, no knowledge base.\n" * 20)
+  local = pl.make_pipeline(kb_questions=True, text_glob=str(tmp_path / "*.txt"), **common)  # like kb: no effect
+  assert local.qa_question_items == [] and "Q: " not in local.tokenizer.decode(next(local.train)["inputs"][0])
 
 
 def test_text_source_reads_what_tfds_decodes(tmp_path):

@@ -560,7 +560,8 @@ def make_pipeline(
   common = dict(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count, num_packing_bins=num_packing_bins, read_threads=config.read_threads)
   train_source = TextSource(builder, "train")
-  if config.kb_questions:  # the question-form pairs of half the people, as more training documents
+  questions = config.kb_questions and config.text_glob is None  # (only the knowledge base has them)
+  if questions:  # the question-form pairs of half the people, as more training documents
     train_source = ConcatSource([train_source, TextSource(builder, "train_questions")])
   train = iter(batch_dataset(train_source, tok, seed=config.seed, workers=config.workers, **common))
 
@@ -574,7 +575,7 @@ def make_pipeline(
   if qa_items is None:
     qa_items = load_qa_items(config.resolved_data_dir, config.kb, config.kb_seed) if config.text_glob is None else []
   qa_question_items = (load_qa_items(config.resolved_data_dir, config.kb, config.kb_seed, split="qa_question")
-                       if config.kb_questions else [])
+                       if questions else [])
 
   metadata: dict[str, Any] = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
   metadata.update(dict(builder.info.metadata or {}))
