@@ -107,7 +107,9 @@ def peer_forward(x_xC, query_CxHxK, keys_HkX2xNxK2, down_ExC, up_ExC, *, top_k: 
     gate: "softmax" (over each head's k scores) or "sigmoid" (elementwise).
     query_gain_HxK, key_gain_Hkx2xK2: qk-norm gains [H, Dk] and [Hk, 2, Dk/2]; None: no qk-norm.
     topk: the product top-k's backend (``product_key_topk``).
-    backend: the up projection's ``embedding_bag`` backend.
+    backend: the up projection's ``embedding_bag`` backend. "auto" under a mesh of several devices
+      is "xla": the expert tables are sharded by the mesh's rules, not inside a ``shard_map``, and
+      XLA cannot partition a Pallas (Mosaic) kernel (seen compiling for TPU v5p).
 
   Returns:
     ``PEEROutput(out [..., C] in x's dtype, indices [..., H, k] int32, gates [..., H, k] fp32)``.
@@ -129,6 +131,8 @@ def peer_forward(x_xC, query_CxHxK, keys_HkX2xNxK2, down_ExC, up_ExC, *, top_k: 
   u_xLxC = jnp.take(down_ExC, idx_xL, axis=0).astype(x_xC.dtype)  # 5. [..., L, C]
   h_xL = jnp.einsum("...c,...lc->...l", x_xC, u_xLxC, preferred_element_type=jnp.float32)
   w_xL = g_xHxk.reshape(*lead, heads * top_k) * ACTIVATIONS[activation](h_xL)  # [..., L] fp32
+  if backend == "auto" and jax.sharding.get_abstract_mesh().size > 1:
+    backend = "xla"
   out_xC = embedding_bag(up_ExC, idx_xL, w_xL, backend=backend)  # 6. [..., C]
   return PEEROutput(out_xC.astype(x_xC.dtype), idx_xHxk, g_xHxk)
 
