@@ -104,9 +104,11 @@ class Watchdog(threading.Thread):
       why = f"the coordination service did not answer for {stuck:.0f} s"
       if self.process_index != 0:
         self._lose(0, why)
+        return
       peers = sorted((t, p) for p, t in self._last_change.items())
       quiet = [p for t, p in peers if t == peers[0][0]] if peers else []
       self._lose(quiet[0] if len(quiet) == 1 and len(peers) == self.process_count - 1 else None, why)
+      return
 
   def run(self) -> None:
     client = _client()
