@@ -43,6 +43,7 @@ VALUE_DTYPES = {
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_MODES = ("none", "full", "matmuls")  # per block; memjax.model.REMAT_POLICIES
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "pallas_tpu")  # memjax.attention
 
 # Values the data section may name (the data package reads them from here, so that building a config
 # never imports TFDS). Knowledge-base sizes: name -> (people, train biographies per person).
@@ -558,7 +559,9 @@ class ModelConfig(_Checked):
   ``dtype``: the compute dtype (``bfloat16``: matmuls and activations in bf16; parameters stay fp32
   master weights, the loss, softmaxes and value gradients fp32). ``remat``: activation
   rematerialisation per block: "none", "full" (keep each block's input, recompute the rest in the
-  backward pass) or "matmuls" (keep matmul outputs).
+  backward pass) or "matmuls" (keep matmul outputs). ``attention``: how causal attention is computed,
+  one of ``ATTENTION_IMPLS`` (default "einsum", the plain-jnp reference; "auto": cuDNN flash attention
+  on NVIDIA GPUs in bf16, the Pallas flash kernel on TPU, einsum elsewhere; see ``memjax.attention``).
   """
 
   vocab_size: int = 0
@@ -571,6 +574,7 @@ class ModelConfig(_Checked):
   dtype: str = "float32"
   tie_embeddings: bool = True
   remat: str = "none"
+  attention: str = "einsum"
   memory: LMMemoryConfig = LMMemoryConfig()
   moe: MoEConfig = MoEConfig()
   peer: PEERConfig = PEERConfig()
@@ -581,6 +585,7 @@ class ModelConfig(_Checked):
     self._floats("rope_theta", strict=True)
     self._choice("dtype", COMPUTE_DTYPES)
     self._choice("remat", REMAT_MODES)
+    self._choice("attention", ATTENTION_IMPLS)
     self._bools("tie_embeddings")
     if self.head_dim % 2:
       self._fail("head_dim", "must be even (RoPE rotates pairs)")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax.attention import attention, attention_mask, masked_attention
 from memjax.config import COMPUTE_DTYPES, ModelConfig
 from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable
 from memjax.moe import MoE
@@ -44,14 +45,6 @@ def rope(x_BxTxNxD, positions_BxT, theta: float):
   x1, x2 = jnp.split(x_BxTxNxD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxNxD.dtype)
-
-
-def attention_mask(segment_ids_BxT):
-  """[B, 1, T, T] bool: causal, and within one document when segment ids are given."""
-  t = segment_ids_BxT.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (causal_TxT[None] & same_BxTxT)[:, None]
 
 
 # ----- modules ----------------------------------------------------------------------------------
@@ -86,17 +79,16 @@ class Attention(nnx.Module):
 
   def attend(self, q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, mask_Bx1xTxS):
     """Softmax attention of T queries over S keys (masked-out keys get zero weight) -> [B, T, C]."""
-    dt = q_BxTxNxD.dtype
-    logits_BxNxTxS = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxSxNxD, preferred_element_type=jnp.float32)
-    logits_BxNxTxS = logits_BxNxTxS * self.cfg.head_dim**-0.5
-    logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(dt)
-    out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs, v_BxSxNxD)
-    return jnp.einsum("btnd,ndc->btc", out_BxTxNxD, self.wo[...].astype(dt))
+    out_BxTxNxD = masked_attention(q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, mask_Bx1xTxS)
+    return self.project(out_BxTxNxD)
 
-  def __call__(self, x_BxTxC, positions_BxT, mask_Bx1xTxT):
+  def project(self, out_BxTxNxD):
+    return jnp.einsum("btnd,ndc->btc", out_BxTxNxD, self.wo[...].astype(out_BxTxNxD.dtype))
+
+  def __call__(self, x_BxTxC, positions_BxT, segment_ids_BxT):
+    """Causal attention within documents by ``cfg.attention`` (``memjax.attention``) -> [B, T, C]."""
     q, k, v = self.qkv(x_BxTxC, positions_BxT)
-    return self.attend(q, k, v, mask_Bx1xTxT)
+    return self.project(attention(q, k, v, segment_ids_BxT, impl=self.cfg.attention))
 
   def cached(self, x_BxTxC, positions_BxT, cache: tuple):
     """Attention through a KV cache ``(k, v)`` of [B, S, N, Dh]: this call's keys and values are written
@@ -151,14 +143,14 @@ class Block(nnx.Module):
       self.ffn = ProductKeyMemory(cfg.dim, cfg.memory.layer, values=pool, backend=backend,
                                   value_sharding=cfg.memory.value_sharding, rngs=rngs)
 
-  def __call__(self, x_BxTxC, positions_BxT, mask, value_tap=None, *, cache=None, dropless=False,
+  def __call__(self, x_BxTxC, positions_BxT, segment_ids_BxT, value_tap=None, *, cache=None, dropless=False,
                read_mask=None):
     """``(out, aux)``; with ``cache`` (a ``(k, v)`` pair, see ``Attention.cached``) attention goes through
     the cache and ``aux["cache"]`` holds the updated pair. ``dropless``: MoE experts take every token
     (capacity = tokens), as generation does. ``read_mask``: see ``ProductKeyMemory.read``."""
     aux = {}
     if cache is None:
-      h = x_BxTxC + self.attn(self.attn_norm(x_BxTxC), positions_BxT, mask)
+      h = x_BxTxC + self.attn(self.attn_norm(x_BxTxC), positions_BxT, segment_ids_BxT)
     else:
       a, aux["cache"] = self.attn.cached(self.attn_norm(x_BxTxC), positions_BxT, cache)
       h = x_BxTxC + a
@@ -240,7 +232,6 @@ class LM(nnx.Module):
     dt = COMPUTE_DTYPES[self.cfg.dtype]
     table = self.embed[...]
     x = jnp.take(table, tokens_BxT, axis=0).astype(dt)  # [B, T, C]
-    mask = attention_mask(segment_ids_BxT)
     moe_loss = jnp.zeros((), jnp.float32)
     memory: list[MemoryOutput] = []
     peer: list[PEEROutput] = []
@@ -251,9 +242,9 @@ class LM(nnx.Module):
       tap = taps.pop(0) if (taps is not None and block.kind == "memory") else None
       read_mask = masks.pop(0) if (masks is not None and block.kind == "memory") else None
       if read_mask is not None:
-        x, aux = block(x, positions_BxT, mask, tap, read_mask=read_mask)
+        x, aux = block(x, positions_BxT, segment_ids_BxT, tap, read_mask=read_mask)
       else:
-        x, aux = call(block, x, positions_BxT, mask, tap)
+        x, aux = call(block, x, positions_BxT, segment_ids_BxT, tap)
       if "moe_loss" in aux:
         moe_loss = moe_loss + aux["moe_loss"]
       if "memory" in aux:

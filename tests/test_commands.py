@@ -11,7 +11,7 @@ from helpers import REPO, one_error_line, subprocess_env
 
 SCRIPTS = [["benchmarks/data_pipeline.py"], ["benchmarks/embedding_bag.py"], ["benchmarks/kill_soak.py"],
            ["benchmarks/knowledge.py"], ["benchmarks/scaling.py"], ["benchmarks/step_time.py"], ["benchmarks/topk.py"], ["benchmarks/row_grads.py"],
-           ["benchmarks/step_profile.py"], ["benchmarks/topk_compile.py"],
+           ["benchmarks/step_profile.py"], ["benchmarks/topk_compile.py"], ["benchmarks/attention_compile.py"],
            ["benchmarks/plan_check.py", "--config=configs/tiny.py"], ["-m", "memjax.plan", "--config=configs/tiny.py"],
            ["-m", "memjax.demo"], ["benchmarks/decode.py"], ["benchmarks/attribution.py"], ["benchmarks/decode_compile.py"],
            ["-m", "memjax.generate", "--export=x"], ["benchmarks/continual.py"]]
@@ -19,7 +19,7 @@ VALUES = {"benchmarks/data_pipeline.py": ["--repeats=many"], "benchmarks/embeddi
           "benchmarks/kill_soak.py": ["--kills=many"], "benchmarks/knowledge.py": ["--steps=many"],
           "benchmarks/scaling.py": ["--steps=many"], "benchmarks/step_time.py": ["--repeats=many"],
           "benchmarks/plan_check.py": ["--devices=many"], "benchmarks/topk.py": ["--rounds=many"],
-          "benchmarks/step_profile.py": ["--repeats=many"], "benchmarks/topk_compile.py": ["--k=many"],
+          "benchmarks/step_profile.py": ["--repeats=many"], "benchmarks/topk_compile.py": ["--k=many"], "benchmarks/attention_compile.py": ["--seq_len=many"],
           "benchmarks/row_grads.py": ["--rounds=many"], "memjax.plan": ["--mesh", "data=x"],
           "memjax.demo": ["--n_keys=many"], "benchmarks/decode.py": ["--steps=many"],
           "benchmarks/attribution.py": ["--facts=many"], "benchmarks/decode_compile.py": ["--n_keys=many"], "memjax.generate": ["--max_new_tokens=many"],
@@ -53,6 +53,7 @@ def test_bad_values_exit_2_with_one_line(script):
 
 @pytest.mark.parametrize("argv,named", [(["benchmarks/step_profile.py", "--families=bogus"], "'bogus'"),
                                         (["benchmarks/topk_compile.py", "--targets=v9"], "'v9'"),
+                                        (["benchmarks/attention_compile.py", "--targets=v9"], "'v9'"),
                                         (["benchmarks/continual.py", "--methods=sft"], "'sft'")])
 def test_unknown_choices_are_named_with_the_allowed_ones(argv, named):
   out = _run(argv)

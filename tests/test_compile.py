@@ -128,3 +128,41 @@ def test_decode_step_compiles_for_tpu_with_the_cache_updated_in_place():
     assert r["bytes_per_device"]["alias"] >= cache_bytes, r  # the donated cache is the output cache
     assert r["bytes_per_device"]["temp"] < cache_bytes / 2, r  # no copy of the cache per step (a scatter: ~1.6x)
   assert rows[1]["collectives"], rows[1]  # row mode sums the partial reads over memory
+
+
+ATTENTION_SCRIPT = """
+import collections, json, re, jax
+from memjax import sharding
+from memjax.scale.compile import _gpu_compiler_options
+from memjax.scale.plan import load_config
+from memjax.scale.targets import devices, get
+from memjax.train.step import jit_steps, make_step_fns
+target = get({target!r})
+cfg = load_config({config!r}, [("model.dtype", "bfloat16"), ("train.seq_len", "128"), ("model.attention", "auto")])
+mesh = sharding.make_mesh(dict(data=2, fsdp=1, memory=target.chips // 2), devices(target))
+steps = jit_steps(make_step_fns(cfg.model, cfg.train), mesh, cfg.model.memory.value_sharding)
+state, batch = steps.abstract_args(cfg.train.batch_size, cfg.train.seq_len)
+with jax.set_mesh(mesh):
+  hlo = steps.train.trace(state, batch).lower().compile(_gpu_compiler_options(target) or None).as_text()
+print("RESULT" + json.dumps({{"targets": collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo)),
+                              "flash": len(re.findall(r"flash_attention", hlo))}}))
+"""
+
+
+@pytest.mark.parametrize("target", ["v5p-8", "h100-4"])
+def test_auto_attention_is_the_fused_kernel_of_the_target(target):
+  # model.attention="auto" follows the platform the step is compiled for: cuDNN's fused attention
+  # (forward and backward) on the GPU, the Pallas flash kernel on the TPU; einsum on this CPU host.
+  platform = "tpu" if target.startswith("v") else "cuda"
+  code = ATTENTION_SCRIPT.format(config=os.path.join(CONFIGS, "tiny.py"), target=target)
+  out = subprocess.run([_aot_python(platform), "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+  assert out.returncode == 0, out.stderr[-4000:]
+  row = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+  layers = 2  # configs/tiny.py
+  if platform == "cuda":
+    fwd = sum(n for t, n in row["targets"].items() if t.startswith("__cudnn$fmha") and "Backward" not in t)
+    bwd = sum(n for t, n in row["targets"].items() if t.startswith("__cudnn$fmha") and "Backward" in t)
+    assert (fwd, bwd) == (layers, layers), row
+  else:
+    assert row["targets"].get("tpu_custom_call", 0) >= 3 * layers and row["flash"] > 0, row  # fwd, dkv, dq

@@ -29,9 +29,9 @@ def test_lm_is_causal():
   # replaced by feeding embeddings through the same blocks).
   def logits_from_embeddings(x):
     positions = jnp.arange(t, dtype=jnp.int32)[None]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    segment_ids = jnp.ones((1, t), jnp.int32)  # one document: causality is the attention's own
     for block in model.blocks:
-      x, _ = block(x, positions, mask)
+      x, _ = block(x, positions, segment_ids)
     return model.final_norm(x) @ model.embed[...].T
 
   jac = jax.jit(jax.jacrev(lambda x: logits_from_embeddings(x)[0].sum(-1)))(emb)  # [T, 1, T, C]
