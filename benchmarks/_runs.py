@@ -166,3 +166,27 @@ def save_figure(fig, path: str, dpi: int) -> None:
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
   print(f"wrote {path}")
+
+
+def compile_in_aot_venvs(script: str, targets: list[str], flags: list[str]) -> list[dict]:
+  """Rows of a deviceless-compile benchmark: ``script --here --targets=... *flags`` runs once per
+  platform in the accelerator compiler venv of ``.ci/aot_env.sh`` and prints its rows as JSON on its
+  last line. Targets whose venv is missing are skipped with a line saying so."""
+  from memjax.scale.compile import _aot_python
+  from memjax.scale.targets import get
+
+  rows = []
+  for plat in ("tpu", "cuda"):
+    mine = [t for t in targets if get(t).platform == plat]
+    if not mine:
+      continue
+    python = _aot_python(plat)
+    if python is None:
+      print(f"no {plat} compiler venv (bash .ci/aot_env.sh {plat}): skipping {mine}")
+      continue
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([python, os.path.abspath(script), "--here", f"--targets={','.join(mine)}", *flags],
+                         stdout=subprocess.PIPE, text=True, env=env, check=True)
+    rows += json.loads(out.stdout.strip().splitlines()[-1])
+  return rows

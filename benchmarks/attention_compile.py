@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _runs  # noqa: E402
 
 from memjax.command import ArgumentParser, run_command  # noqa: E402
 
@@ -82,21 +84,7 @@ def main(argv=None):
   if args.here:
     print(json.dumps(compile_here(targets, args.seq_len, args.batch_size)))
     return 0
-  from memjax.scale.compile import _aot_python
-  rows = []
-  for platform in ("tpu", "cuda"):
-    mine = [t for t in targets if get(t).platform == platform]
-    if not mine:
-      continue
-    python = _aot_python(platform)
-    if python is None:
-      print(f"no {platform} compiler venv (bash .ci/aot_env.sh {platform}): skipping {mine}")
-      continue
-    cmd = [python, os.path.abspath(__file__), "--here", f"--targets={','.join(mine)}", f"--seq_len={args.seq_len}",
-           f"--batch_size={args.batch_size}"]
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True)
-    rows += json.loads(out.stdout.strip().splitlines()[-1])
+  rows = _runs.compile_in_aot_venvs(__file__, targets, [f"--seq_len={args.seq_len}", f"--batch_size={args.batch_size}"])
   print(f"\ndefault config, bf16, {args.batch_size} x {args.seq_len} tokens, batch over every chip")
   print(f"{'target':<8} {'attention':<9} {'temp MB':>8} {'est. ms':>8}  fused kernels")
   for r in rows:

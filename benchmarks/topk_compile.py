@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _runs  # noqa: E402
 
 from memjax.command import ArgumentParser, run_command  # noqa: E402
 
@@ -109,21 +111,8 @@ def main(argv=None):
   if args.here:
     print(json.dumps(compile_here(targets, *shape)))
     return 0
-  from memjax.scale.compile import _aot_python
-  rows = []
-  for platform in ("tpu", "cuda"):
-    mine = [t for t in targets if get(t).platform == platform]
-    if not mine:
-      continue
-    python = _aot_python(platform)
-    if python is None:
-      print(f"no {platform} compiler venv (bash .ci/aot_env.sh {platform}): skipping {mine}")
-      continue
-    cmd = [python, os.path.abspath(__file__), "--here", f"--targets={','.join(mine)}", f"--tokens={args.tokens}",
-           f"--heads={args.heads}", f"--n={args.n}", f"--k={args.k}", f"--key_dim={args.key_dim}"]
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu" if platform == "cuda" else ""}
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True)
-    rows += json.loads(out.stdout.strip().splitlines()[-1])
+  rows = _runs.compile_in_aot_venvs(__file__, targets, [f"--tokens={args.tokens}", f"--heads={args.heads}", f"--n={args.n}", f"--k={args.k}",
+                                        f"--key_dim={args.key_dim}"])
   print(f"\n{args.tokens} tokens x {args.heads} heads, n={args.n}, k={args.k}, key width {args.key_dim}, bf16")
   print(f"{'target':<8} {'variant':<16} {'est. ms':>8} {'GFLOP':>8} {'MB moved':>9} {'temp MB':>8}")
   for r in rows:
