@@ -43,7 +43,7 @@ import _runs  # noqa: E402
 import knowledge  # noqa: E402
 
 from memjax.command import ArgumentParser, run_command  # noqa: E402
-from memjax.memory.product_keys import product_key_topk, subkey_scores  # noqa: E402
+from memjax.memory.product_keys import product_key_topk, subkey_scores_head_major  # noqa: E402
 from memjax.memory.read import memory_read  # noqa: E402
 from memjax.train.step import make_step_fns  # noqa: E402
 
@@ -135,7 +135,7 @@ def read_runners(cfg, topk_backend: str) -> dict:
     return jnp.vdot(memory_read(q, keys, values, k=k, backend=bag, topk=topk_backend).out, d_out)
 
   fns = {
-      "scoring": jax.jit(lambda q, keys, v: subkey_scores(q, keys)),
+      "scoring": jax.jit(lambda q, keys, v: subkey_scores_head_major(q, keys)),
       "top-k": jax.jit(lambda q, keys, v: product_key_topk(q, keys, k, backend=topk_backend)),
       "read fwd": jax.jit(lambda q, keys, v: memory_read(q, keys, v, k=k, backend=bag, topk=topk_backend).out),
       "read fwd+bwd": jax.jit(jax.grad(loss, argnums=(0, 1, 2))),

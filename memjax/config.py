@@ -692,6 +692,9 @@ class TrainConfig(_Checked):
   "skip" (leave the state unchanged for that step). microbatches: gradient accumulation, the batch
   split into this many slices (rows i, i + k, ...) whose gradients are summed before one update.
   async_checkpoint: Orbax writes checkpoints in the background while training goes on.
+  fused_value_update: where a step is lowered for CPU on one device, the value tables' optimizer
+  step (dense or row-sparse Adam with its clip) runs as two fused C++ kernels instead of XLA's
+  whole-table passes; the same update (off: the XLA formulation, e.g. to compare).
   """
 
   steps: int = 1000
@@ -718,10 +721,11 @@ class TrainConfig(_Checked):
   nan_policy: str = "stop"
   microbatches: int = 1
   async_checkpoint: bool = False
+  fused_value_update: bool = True
 
   def __post_init__(self):
     self._ints("steps", "batch_size", "seq_len", "log_every", "max_checkpoints", "microbatches")
-    self._bools("async_checkpoint")
+    self._bools("async_checkpoint", "fused_value_update")
     if self.batch_size % self.microbatches:
       self._fail("microbatches", f"must divide batch_size={self.batch_size}")
     self._ints("warmup_steps", "seed", "checkpoint_every", "eval_every", low=0)

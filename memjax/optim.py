@@ -35,8 +35,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from memjax.config import TrainConfig
+from memjax.kernels import cpu
 from memjax.kernels.embedding_bag import embedding_bag_row_grads
 from memjax.kernels.xla import distinct_rows
 from memjax.sharding import SparseUpdateSpecs
@@ -160,30 +162,141 @@ def chunked_sparse_adam_update(values, state: SparseAdamState, rows_U, grads_UxD
   return table, SparseAdamState(mu, nu, state.count + 1)
 
 
+def _one_device_sparse_update(table, opt: SparseAdamState, idx, wts, dys, lr, *, clip: float, backend: str,
+                              **adam):
+  """``sparse_value_update`` on one device in XLA: row gradients of the whole batch
+  (``embedding_bag_row_grads`` with ``backend``), the clip, Adam on every row read."""
+  rows, row_grads = embedding_bag_row_grads(idx, wts, dys, table.shape[0], backend=backend)
+  # rows holds the U <= M distinct rows first, then padding: with more lookups than slots (N > M)
+  # its first M entries are all of it, and Adam touches M rows instead of N (knowledge sweep:
+  # N = 393k lookups on a 65k-slot table).
+  keep = min(rows.shape[0], table.shape[0])
+  rows, row_grads = rows[:keep], row_grads[:keep]
+  row_grads, norm = clip_rows(row_grads, clip)
+  table, opt = sparse_adam_update(table, opt, rows, row_grads, lr, **adam)
+  return table, opt, norm**2
+
+
 def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamState, idx, wts, dys, lr, *,
                         clip: float, b1: float, b2: float, eps: float, weight_decay: float,
-                        chunk_rows: int = UPDATE_CHUNK_ROWS, backend: str = "auto"):
+                        chunk_rows: int = UPDATE_CHUNK_ROWS, backend: str = "auto", fused: bool = True):
   """The row-sparse update of one value pool: row gradients, global-norm clip, row-sparse Adam.
 
   ``idx``/``wts`` [R, B, T, H*k] are the lookups of the pool's R readers, ``dys`` [R, B, T, Dv] the
   cotangents of their reads. ``specs`` (``sharding.sparse_update_specs``) None means one device:
   the row gradients of the whole batch (``embedding_bag_row_grads`` with ``backend``), then Adam on
-  every row read. Otherwise ``sharded_sparse_value_update``. Returns (table, opt, squared norm of
-  the row gradients before clipping).
+  every row read; with ``fused`` and ``backend="auto"``, where lowered for CPU, the fused kernels
+  (``cpu.value_row_sums``, ``cpu.value_adam``: a counting sort instead of the row gradients' radix
+  sort, Adam in one pass). Otherwise ``sharded_sparse_value_update``. Returns (table, opt, squared
+  norm of the row gradients before clipping).
   """
   adam = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if specs is None and fused and backend == "auto" and fused_update_available(table):
+    # Lowered for CPU: the fused kernels (one pass over the lookups, one over the table); elsewhere
+    # the XLA formulation below. Both compute the same update (tests/test_fused_update.py).
+    def fused(table, mu, nu, count, idx, wts, dys, lr):
+      g, counts, sq = cpu.value_row_sums(idx, wts, dys, table.shape[0])
+      norm = jnp.sqrt(sq)
+      scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30)) if clip > 0 else jnp.ones(())
+      t = count + 1
+      tf = t.astype(jnp.float32)
+      table, mu, nu = cpu.value_adam(table, mu, nu, g, counts, lr=lr, div=1.0, mul=scale, bc1=1.0 - b1**tf,
+                                     bc2=1.0 - b2**tf, lazy=True, **adam)
+      return table, mu, nu, t, sq
+
+    def plain(table, mu, nu, count, idx, wts, dys, lr):
+      table, new, sq = _one_device_sparse_update(table, SparseAdamState(mu, nu, count), idx, wts, dys, lr,
+                                                 clip=clip, backend=backend, **adam)
+      return table, new.mu, new.nu, new.count, sq
+
+    table, mu, nu, count, sq = jax.lax.platform_dependent(table, opt.mu, opt.nu, opt.count, idx, wts, dys, lr,
+                                                          cpu=fused, default=plain)
+    return table, SparseAdamState(mu, nu, count), sq
   if specs is None:
-    rows, row_grads = embedding_bag_row_grads(idx, wts, dys, table.shape[0], backend=backend)
-    # rows holds the U <= M distinct rows first, then padding: with more lookups than slots (N > M)
-    # its first M entries are all of it, and Adam touches M rows instead of N (knowledge sweep:
-    # N = 393k lookups on a 65k-slot table).
-    keep = min(rows.shape[0], table.shape[0])
-    rows, row_grads = rows[:keep], row_grads[:keep]
-    row_grads, norm = clip_rows(row_grads, clip)
-    table, opt = sparse_adam_update(table, opt, rows, row_grads, lr, **adam)
-    return table, opt, norm**2
+    return _one_device_sparse_update(table, opt, idx, wts, dys, lr, clip=clip, backend=backend, **adam)
   return sharded_sparse_value_update(specs, table, opt, idx, wts, dys, lr, clip=clip, chunk_rows=chunk_rows,
                                      backend=backend, **adam)
+
+
+def fused_update_available(table) -> bool:
+  """Whether the fused CPU value update (``cpu.value_row_sums`` + ``cpu.value_adam``) can take this
+  table: fp32, int32-addressable, and the C++ kernels built. The caller also needs one device."""
+  return table.dtype == jnp.float32 and table.shape[0] < 2**31 and cpu.ffi_status()[0]
+
+
+def fused_dense_value_update(tables: dict, taps: dict, opt_state, cfg: TrainConfig, lr_fn):
+  """The dense value update (``make_dense_value_tx``: clip by the global norm over every table, then
+  AdamW on every row) from the reads' taps, by the fused CPU kernels. Equal to running the optax
+  chain on the dense gradient: same formulas term for term, the optax state read and written in
+  its own structure (within fp32 rounding of the gradient's summation order).
+
+  Args:
+    tables: ``{pool key: table [M, Dv] fp32}``.
+    taps: ``{pool key: (idx, weights, d_reads)}`` of the pool's readers (``PoolTaps``).
+    opt_state: the optax state of ``make_dense_value_tx(cfg)`` for the values State ``tables`` came from.
+    cfg: the train config (b1, b2, eps, value_clip, value_weight_decay).
+    lr_fn: the value learning-rate schedule (evaluated at the schedule's count, as optax does).
+  Returns:
+    ``(new tables, moments, count, norm)``: ``{pool key: table}``, ``{pool key: (mu, nu)}``, Adam's
+    new count and the global gradient norm before clipping; ``with_dense_moments(opt_state, moments,
+    count)`` is the new optax state.
+  """
+  sums = {key: cpu.value_row_sums(*taps[key], tables[key].shape[0]) for key in tables}
+  norm = jnp.sqrt(sum(sq for _, _, sq in sums.values()))
+  if cfg.value_clip > 0:  # optax.clip_by_global_norm: t unchanged below the bound, else (t / norm) * bound
+    below = norm < cfg.value_clip
+    div, mul = jnp.where(below, 1.0, norm), jnp.where(below, 1.0, cfg.value_clip)
+  else:
+    div, mul = jnp.ones(()), jnp.ones(())
+  adam, schedule = _dense_counts(opt_state)
+  count = optax.safe_increment(adam.count)
+  bc1, bc2 = 1 - cfg.b1**count, 1 - cfg.b2**count  # as optax's bias correction computes them
+  lr = lr_fn(schedule.count)
+  new_tables, moments = {}, {}
+  for key, (g, counts, _) in sums.items():
+    mu, nu = adam_moments(adam, key)
+    new_tables[key], mu, nu = cpu.value_adam(tables[key], mu, nu, g, counts, lr=lr, div=div, mul=mul, bc1=bc1,
+                                             bc2=bc2, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                             weight_decay=cfg.value_weight_decay, lazy=False)
+    moments[key] = (mu, nu)
+  return new_tables, moments, count, norm
+
+
+def _dense_counts(opt_state):
+  """The ``ScaleByAdamState`` and ``ScaleByScheduleState`` inside the dense value optimizer's state."""
+  found = {}
+  is_leaf = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
+  for x in jax.tree.leaves(opt_state, is_leaf=is_leaf):
+    if is_leaf(x):
+      found[type(x)] = x
+  return found[optax.ScaleByAdamState], found[optax.ScaleByScheduleState]
+
+
+def adam_moments(adam: optax.ScaleByAdamState, key):
+  """``(mu, nu)`` arrays of the table at flat path ``key`` (a tuple) in a dense Adam state."""
+  get = lambda tree: dict((tuple(p), v) for p, v in nnx.to_flat_state(tree))[key][...]
+  return get(adam.mu), get(adam.nu)
+
+
+def with_dense_moments(opt_state, moments: dict, count):
+  """The dense value optimizer's state after a step: Adam's count and moments replaced (``moments``:
+  ``{flat path: (mu, nu)}``), the schedule's count incremented; the rest (clip, decay) unchanged."""
+
+  def put(tree, which):
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(tree)}
+    for key, pair in moments.items():
+      flat[key] = flat[key].replace(pair[which])
+    return nnx.from_flat_state(flat)
+
+  def rebuild(x):
+    if isinstance(x, optax.ScaleByAdamState):
+      return optax.ScaleByAdamState(count=count, mu=put(x.mu, 0), nu=put(x.nu, 1))
+    if isinstance(x, optax.ScaleByScheduleState):
+      return optax.ScaleByScheduleState(count=optax.safe_increment(x.count))
+    return x
+
+  return jax.tree.map(rebuild, opt_state,
+                      is_leaf=lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
 
 
 def sharded_sparse_value_update(specs: SparseUpdateSpecs, table, opt: SparseAdamState, idx, wts, dys, lr, *,

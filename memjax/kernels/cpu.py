@@ -3,7 +3,7 @@
 Shapes (flattened bags): values [M, Dv] f32|bf16, idx [B, L] int32, w [B, L], d_out [B, Dv], N = B * L.
 
 The kernels live in ``cpu_ffi.cc`` (forward, weight gradient, dense value gradient, row-sparse value
-gradient; fp32 accumulation in vector registers, software prefetch, a stable radix sort of the
+gradient; fp32 accumulation in vector registers, software prefetch, a stable counting / radix sort of the
 lookups for the atomic-free value gradient, XLA's intra-op thread pool) and the product-key top-k
 that ``topk.py`` calls (``memjax_product_topk``). The library is compiled on first use with the
 system C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``) against ``jax.ffi.include_dir()``
@@ -33,6 +33,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memjax.kernels import xla
 
@@ -44,9 +45,11 @@ _TARGETS = {
     "memjax_bag_value_grad": "MemjaxBagValueGrad",
     "memjax_bag_row_grads": "MemjaxBagRowGrads",
     "memjax_product_topk": "MemjaxProductTopK",  # called from topk.py
+    "memjax_value_row_sums": "MemjaxValueRowSums",  # the fused value update (optim.py)
+    "memjax_value_adam": "MemjaxValueAdam",
 }
 SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd")
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "message": str, "lib": CDLL
@@ -195,6 +198,41 @@ def _ffi_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
   rows, grads = call(idx_BxL.astype(jnp.int32), w_BxL.astype(jnp.float32), dout_BxD.astype(jnp.float32),
                      num_slots=int(num_slots))
   return rows, grads
+
+
+def value_row_sums(idx, w, dout_BxD, num_slots: int):
+  """The value gradient of one pool as summed rows, for ``value_adam`` (the kernel must be built).
+
+  ``idx``/``w`` hold B * L lookups in any shape whose leading order matches ``dout_BxD``'s rows (L
+  consecutive lookups per row). Returns ``(g [M, Dv] f32, counts [M] int32, sq f32)``: the summed
+  gradient of every row read (rows with counts 0 are unspecified), lookups per row, and the squared
+  norm of g over the rows read. Deterministic (a counting sort by row, lookup order within a row).
+  """
+  d = dout_BxD.shape[-1]
+  call = jax.ffi.ffi_call(
+      "memjax_value_row_sums",
+      (jax.ShapeDtypeStruct((num_slots, d), jnp.float32), jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+       jax.ShapeDtypeStruct((), jnp.float32)),
+      vmap_method="sequential")
+  return call(idx.astype(jnp.int32).reshape(-1), w.astype(jnp.float32).reshape(-1),
+              dout_BxD.astype(jnp.float32).reshape(-1, d), num_slots=int(num_slots))
+
+
+def value_adam(table, mu, nu, g, counts, *, lr, div, mul, bc1, bc2, b1: float, b2: float, eps: float,
+               weight_decay: float, lazy: bool):
+  """One Adam step of a value table in place (cpu_ffi.cc ``MemjaxValueAdam``): the gradient ``(g / div)
+  * mul`` on rows with ``counts > 0`` (and 0 elsewhere); ``lazy`` updates only those rows. ``bc1``,
+  ``bc2`` are the bias corrections ``1 - b^t``. Returns ``(table, mu, nu)`` (fp32 [M, Dv] each)."""
+  shape = jax.ShapeDtypeStruct(table.shape, jnp.float32)
+  # lazy: in place (rows not read are left as they are, O(rows read) work); dense: every row is
+  # rewritten, so fresh outputs cost the same traffic and spare XLA a defensive copy of the table.
+  aliases = {0: 0, 1: 1, 2: 2} if lazy else {}
+  call = jax.ffi.ffi_call("memjax_value_adam", (shape, shape, shape), input_output_aliases=aliases,
+                          vmap_method="sequential")
+  scalar = lambda x: jnp.asarray(x, jnp.float32).reshape(())
+  return call(table, mu, nu, g, counts, scalar(lr), scalar(div), scalar(mul), scalar(bc1), scalar(bc2),
+              b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps), weight_decay=np.float32(weight_decay),
+              lazy=bool(lazy))
 
 
 # ----- the backend --------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@
 // [16 * NB]-column block is accumulated in NB vector registers (fp32), rows are prefetched
 // Ahead(row bytes) lookups in advance, and each output block is stored once.
 //
-// The value gradient is atomic-free and deterministic: the lookups are sorted by row with a stable
-// LSD radix sort, then each row sums its own run of lookups in lookup order; every output element
+// The value gradient is atomic-free and deterministic: the lookups are sorted by row stably (a
+// counting sort, or an LSD radix sort for huge tables), then each row sums its own run of lookups in lookup order; every output element
 // is written by exactly one thread. Indices are clamped to [0, M) so that a bad index reads a valid
 // row instead of faulting (the op's contract leaves out-of-range indices undefined).
 // Work is split over XLA's intra-op thread pool; the calling thread takes chunks too, so a call
@@ -259,9 +259,22 @@ struct RunSets {
   T* out(int64_t u) const { return dst + (dense ? table_row(u) : u) * d; }
 };
 
-// Stable LSD radix sort of the lookups by (clamped) row: keys row << 32 | lookup, ascending.
+// The lookups sorted by (clamped) row, stably: keys row << 32 | lookup, ascending. A counting sort
+// (one histogram of the rows, one scatter) while the table has at most 8 rows per lookup, else a
+// stable LSD radix sort on 11-bit digits of the row (two or more passes).
 std::vector<uint64_t> SortByRow(const int32_t* idx, int64_t n, int64_t m) {
-  std::vector<uint64_t> a(n), b(n);
+  std::vector<uint64_t> a(n);
+  if (m <= 8 * std::max<int64_t>(n, 1024)) {
+    std::vector<int64_t> next(m + 1, 0);
+    for (int64_t i = 0; i < n; ++i) ++next[Clamp(idx[i], m) + 1];
+    for (int64_t r = 0; r < m; ++r) next[r + 1] += next[r];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = Clamp(idx[i], m);
+      a[next[r]++] = (static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(i);
+    }
+    return a;
+  }
+  std::vector<uint64_t> b(n);
   for (int64_t i = 0; i < n; ++i)
     a[i] = (static_cast<uint64_t>(Clamp(idx[i], m)) << 32) | static_cast<uint64_t>(i);
   int bits = 1;
@@ -785,3 +798,169 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxProductTopK, ProductTopK,
                                   .Ret<S32Any>()
                                   .Ret<S32Any>()
                                   .Attr<int64_t>("k"));
+
+// ----- the value update on one device --------------------------------------------------------------
+//
+// Two handlers fuse a value table's optimizer step. The XLA formulation makes several whole-table
+// passes per step (a dense gradient per reader, their sum, the clip, then one pass each for mu, nu
+// and the table); these make one pass over the lookups and one over the table:
+//
+// MemjaxValueRowSums  idx [N] s32 (any shape), w [N] f32 (same shape), dout [B, D] f32 where each
+//                     dout row serves N / B consecutive lookups, attr num_slots = M
+//                     -> g [M, D] f32, counts [M] s32, sq [] f32
+//   counts[r] = lookups of row r; for read rows g[r] = sum_{idx[p] = r} w[p] * dout[p / (N / B)],
+//   summed in lookup order (a counting sort by row, so the result is deterministic); rows never
+//   read are NOT written (g's contents there are unspecified: read g only where counts > 0).
+//   sq = the sum of squares of g over read rows, summed in fixed blocks of rows (deterministic).
+//   The row sums are the value gradient's (SortByRow, RunSets, SumSets), without its zero rows.
+//
+// MemjaxValueAdam     table, mu, nu [M, D] f32 (aliased to the outputs: updated in place), g [M, D]
+//                     f32, counts [M] s32, lr, div, mul, bc1, bc2 [] f32; attrs b1, b2, eps,
+//                     weight_decay (f32), lazy (bool) -> table, mu, nu
+//   per row r (lazy: only rows with counts[r] > 0; otherwise every row, with g = 0 where unread):
+//     g' = (g / div) * mul                        (the clip, as the caller states it)
+//     mu = (1 - b1) g' + b1 mu                    nu = (1 - b2) g'^2 + b2 nu
+//     u  = (mu / bc1) / (sqrt(nu / bc2) + eps) + weight_decay * table
+//     table = table + (-lr) u
+//   which is optax's clip_by_global_norm + adamw (dense) or optim.sparse_adam_update (lazy), term
+//   for term; bc1 = 1 - b1^t and bc2 = 1 - b2^t come from the caller.
+
+namespace {
+
+using F32R0 = ffi::Buffer<ffi::F32, 0>;
+using S32R0 = ffi::Buffer<ffi::S32, 0>;
+constexpr int64_t kRowBlock = 256;  // read rows per block of the sum of squares
+
+ffi::Error ValueRowSums(ffi::ThreadPool pool, S32Any idx, F32Any w, F32R2 dout, ffi::Result<F32R2> g,
+                        ffi::Result<S32R1> counts, ffi::Result<F32R0> sq, int64_t num_slots) {
+  const int64_t n = static_cast<int64_t>(idx.element_count());
+  const int64_t b = dout.dimensions()[0], d = dout.dimensions()[1], m = num_slots;
+  if (static_cast<int64_t>(w.element_count()) != n || (b > 0 && n % b != 0) ||
+      g->dimensions()[0] != m || g->dimensions()[1] != d || counts->dimensions()[0] != m)
+    return ffi::Error::InvalidArgument("memjax value row sums: shapes do not match");
+  float* out = g->typed_data();
+  int32_t* cnt = counts->typed_data();
+  std::memset(cnt, 0, m * sizeof(int32_t));
+  *sq->typed_data() = 0.f;
+  if (n == 0 || m == 0) return ffi::Error::Success();
+  const std::vector<uint64_t> sorted = SortByRow(idx.typed_data(), n, m);
+  const std::vector<int64_t> starts = RunStarts(sorted);
+  const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
+  const RunSets<float> sets{sorted.data(), starts.data(), d, n / b, w.typed_data(), dout.typed_data(), out,
+                            /*dense=*/true};
+  for (int64_t u = 0; u < runs; ++u) cnt[sets.table_row(u)] = static_cast<int32_t>(starts[u + 1] - starts[u]);
+  // Row sums, then their squares in fixed blocks of runs (a deterministic total).
+  const int64_t blocks = (runs + kRowBlock - 1) / kRowBlock;
+  std::vector<double> partial(blocks, 0.0);
+  ParallelFor(pool, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t u0 = blk * kRowBlock, u1 = std::min(runs, u0 + kRowBlock);
+      SumSets(sets, d, u0, u1, n - 1);
+      double acc = 0.0;
+      for (int64_t u = u0; u < u1; ++u) {
+        const float* row = sets.out(u);
+        float s2 = 0.f;
+#pragma omp simd reduction(+ : s2)
+        for (int64_t c = 0; c < d; ++c) s2 += row[c] * row[c];
+        acc += s2;
+      }
+      partial[blk] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double x : partial) total += x;
+  *sq->typed_data() = static_cast<float>(total);
+  return ffi::Error::Success();
+}
+
+ffi::Error ValueAdam(ffi::ThreadPool pool, F32R2 table_in, F32R2 mu_in, F32R2 nu_in, F32R2 g, S32R1 counts,
+                     F32R0 lr_b, F32R0 div_b, F32R0 mul_b, F32R0 bc1_b, F32R0 bc2_b,
+                     ffi::Result<F32R2> table, ffi::Result<F32R2> mu, ffi::Result<F32R2> nu, float b1,
+                     float b2, float eps, float weight_decay, bool lazy) {
+  const int64_t m = table_in.dimensions()[0], d = table_in.dimensions()[1];
+  if (mu_in.dimensions()[0] != m || nu_in.dimensions()[0] != m || g.dimensions()[0] != m ||
+      counts.dimensions()[0] != m || mu_in.dimensions()[1] != d || nu_in.dimensions()[1] != d ||
+      g.dimensions()[1] != d)
+    return ffi::Error::InvalidArgument("memjax value adam: shapes do not match");
+  const float lr = *lr_b.typed_data(), div = *div_b.typed_data(), mul = *mul_b.typed_data();
+  const float bc1 = *bc1_b.typed_data(), bc2 = *bc2_b.typed_data();
+  const float* gi = g.typed_data();
+  const int32_t* cnt = counts.typed_data();
+  // In place when XLA aliased the outputs to the inputs (it does: input_output_aliases); else copy.
+  const float* ti = table_in.typed_data();
+  const float* mi = mu_in.typed_data();
+  const float* ni = nu_in.typed_data();
+  float* to = table->typed_data();
+  float* mo = mu->typed_data();
+  float* no = nu->typed_data();
+  const float neg_lr = -lr, c1 = 1.f - b1, c2 = 1.f - b2;
+  ParallelFor(pool, m, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * d;
+      if (cnt[r] == 0) {
+        if (lazy) {
+          if (to != ti) std::memcpy(to + o, ti + o, d * sizeof(float));
+          if (mo != mi) std::memcpy(mo + o, mi + o, d * sizeof(float));
+          if (no != ni) std::memcpy(no + o, ni + o, d * sizeof(float));
+          continue;
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) {
+          const float m1 = c1 * 0.f + b1 * mi[o + c];
+          const float v1 = c2 * 0.f + b2 * ni[o + c];
+          const float u = (m1 / bc1) / (std::sqrt(v1 / bc2) + eps) + weight_decay * ti[o + c];
+          mo[o + c] = m1;
+          no[o + c] = v1;
+          to[o + c] = ti[o + c] + neg_lr * u;
+        }
+        continue;
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) {
+        const float gc = (gi[o + c] / div) * mul;
+        const float m1 = c1 * gc + b1 * mi[o + c];
+        const float v1 = c2 * (gc * gc) + b2 * ni[o + c];
+        const float u = (m1 / bc1) / (std::sqrt(v1 / bc2) + eps) + weight_decay * ti[o + c];
+        mo[o + c] = m1;
+        no[o + c] = v1;
+        to[o + c] = ti[o + c] + neg_lr * u;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxValueRowSums, ValueRowSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<S32Any>()
+                                  .Arg<F32Any>()
+                                  .Arg<F32R2>()
+                                  .Ret<F32R2>()
+                                  .Ret<S32R1>()
+                                  .Ret<F32R0>()
+                                  .Attr<int64_t>("num_slots"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxValueAdam, ValueAdam,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32R2>()
+                                  .Arg<F32R2>()
+                                  .Arg<F32R2>()
+                                  .Arg<F32R2>()
+                                  .Arg<S32R1>()
+                                  .Arg<F32R0>()
+                                  .Arg<F32R0>()
+                                  .Arg<F32R0>()
+                                  .Arg<F32R0>()
+                                  .Arg<F32R0>()
+                                  .Ret<F32R2>()
+                                  .Ret<F32R2>()
+                                  .Ret<F32R2>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("weight_decay")
+                                  .Attr<bool>("lazy"));

@@ -36,8 +36,9 @@ from memjax.config import FinetuneConfig, ModelConfig, TrainConfig
 from memjax.data.pipeline import BATCH_DTYPES
 from memjax.kernels.embedding_bag import embedding_bag_row_grads
 from memjax.model import LM, Pool, merge_model, split_model, value_pools
-from memjax.optim import (UPDATE_CHUNK_ROWS, SparseAdamState, lr_schedule, make_dense_value_tx, make_model_tx,
-                          sparse_adam_init, sparse_value_update)
+from memjax.optim import (UPDATE_CHUNK_ROWS, SparseAdamState, fused_dense_value_update, fused_update_available,
+                          lr_schedule, make_dense_value_tx, make_model_tx, sparse_adam_init, sparse_value_update,
+                          with_dense_moments)
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
@@ -176,16 +177,15 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
         lambda p, v: forward(p, v, batch, None), argnums=(0, 1), has_aux=True)(params, values)
     return loss, aux, g_params, g_values
 
-  one_pass = sparse_taps if sparse else dense_grads
-
-  def accumulated(params, values, batch):
-    """``one_pass`` over ``train.microbatches`` slices of the batch, summed: the gradients of the whole
+  def accumulated(params, values, batch, taps_mode=sparse):
+    """One forward/backward pass over ``train.microbatches`` slices of the batch, summed: the gradients of the whole
     batch's loss (the token-weighted mean cross-entropy; the MoE balancing loss is averaged over the
     microbatches). Microbatch i holds rows i, i + k, i + 2k, ... so every batch shard splits locally.
-    The sparse update's taps are put back in the batch's row order."""
+    The sparse update's taps are put back in the batch's row order. ``taps_mode``: the value
+    gradient as taps (``{pool key: PoolTaps}``, the sparse and the fused updates) or dense."""
     k = train_cfg.microbatches
     if k == 1:
-      return one_pass(params, values, batch)
+      return (sparse_taps if taps_mode else dense_grads)(params, values, batch)
     total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     micro = {key: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1) for key, x in batch.items()}
 
@@ -195,7 +195,7 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
       return scaled, aux
 
     def body(acc, mb):
-      if sparse:
+      if taps_mode:
         b, t = mb["inputs"].shape
         taps = [jnp.zeros((b, t, model_cfg.memory.layer.value_dim), jnp.float32) for _ in range(readers)]
         (loss, aux), (g_p, g_t) = jax.value_and_grad(lambda p, tp: weighted(p, values, mb, tp), argnums=(0, 1),
@@ -217,10 +217,10 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
 
     zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
     acc0 = {"loss": jnp.zeros(()), "ce": jnp.zeros(()), "moe": jnp.zeros(()), "tokens": jnp.zeros(()),
-            "g_params": zeros(params), "g_values": None if sparse else zeros(values)}
+            "g_params": zeros(params), "g_values": None if taps_mode else zeros(values)}
     acc, taps = jax.lax.scan(body, acc0, micro)
     aux = LossAux(acc["ce"], acc["moe"], acc["tokens"], None)
-    if not sparse:
+    if not taps_mode:
       return acc["loss"], aux, acc["g_params"], acc["g_values"]
 
     def unsplit(x_KxRxb):  # [k, R, b, ...] -> [R, b * k, ...] in the batch's row order (row m*k + i)
@@ -238,6 +238,18 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
       second = {key: embedding_bag_row_grads(*taps, num_slots) for key, taps in second.items()}
     return loss, aux, g_params, second
 
+  def fused_dense(values) -> bool:
+    """The dense update runs the fused CPU kernels where lowered for CPU: every table fp32, the
+    kernels built, the bag backend "auto", one device (no mesh of several: the kernels are opaque
+    to GSPMD) and ``train.fused_value_update`` on."""
+    if sparse or backend != "auto" or not train_cfg.fused_value_update or not pools:
+      return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+      return False
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(values)}
+    return all(fused_update_available(flat[p.path][...]) for p in pools)
+
   def train_step(state, batch):
     params, values, step = state["params"], state["values"], state["step"]
     if sparse:
@@ -250,11 +262,34 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
                                              table.shape)
         table, new_value_opt[pool.key], sq = sparse_value_update(
             specs, table, state["value_opt"][pool.key], *inputs[pool.key], value_lr(step),
-            clip=train_cfg.value_clip, chunk_rows=update_chunk_rows, **adam)
+            clip=train_cfg.value_clip, chunk_rows=update_chunk_rows, fused=train_cfg.fused_value_update, **adam)
         sq_norm = sq_norm + sq
         flat[pool.path] = flat[pool.path].replace(table)
       new_values = nnx.from_flat_state(flat)
       value_grad_norm = jnp.sqrt(sq_norm)
+    elif fused_dense(values):
+      # Lowered for CPU: the reads' taps and the fused kernels (optim.fused_dense_value_update); for
+      # other platforms the dense gradient and the optax chain. The same update either way.
+      def on_cpu(params, values, value_opt, batch):
+        loss, aux, g_params, taps = accumulated(params, values, batch, taps_mode=True)
+        flat = {tuple(p): v for p, v in nnx.to_flat_state(values)}
+        tables = {p.path: flat[p.path][...] for p in pools}
+        new_tables, moments, count, norm = fused_dense_value_update(
+            tables, {p.path: tuple(taps[p.key]) for p in pools}, value_opt, train_cfg, value_lr)
+        for path, table in new_tables.items():
+          flat[path] = flat[path].replace(table)
+        return (loss, aux.ce, aux.moe_loss, aux.tokens, g_params, nnx.from_flat_state(flat),
+                with_dense_moments(value_opt, moments, count), norm)
+
+      def elsewhere(params, values, value_opt, batch):
+        loss, aux, g_params, g_values = accumulated(params, values, batch, taps_mode=False)
+        updates, new_value_opt = value_tx.update(g_values, value_opt, values)
+        return (loss, aux.ce, aux.moe_loss, aux.tokens, g_params, optax.apply_updates(values, updates),
+                new_value_opt, optax.tree.norm(g_values))
+
+      loss, ce, moe_loss, tokens, g_params, new_values, new_value_opt, value_grad_norm = jax.lax.platform_dependent(
+          params, values, state["value_opt"], batch, cpu=on_cpu, default=elsewhere)
+      aux = LossAux(ce, moe_loss, tokens, None)
     else:
       loss, aux, g_params, g_values = grads(state, batch)
       value_grad_norm = optax.tree.norm(g_values)
