@@ -195,12 +195,12 @@ def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamS
     # Lowered for CPU: the fused kernels (one pass over the lookups, one over the table); elsewhere
     # the XLA formulation below. Both compute the same update (tests/test_fused_update.py).
     def fused(table, mu, nu, count, idx, wts, dys, lr):
-      g, counts, sq = cpu.value_row_sums(idx, wts, dys, table.shape[0])
+      rows, g, sq = cpu.value_row_sums(idx, wts, dys, table.shape[0])
       norm = jnp.sqrt(sq)
       scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30)) if clip > 0 else jnp.ones(())
       t = count + 1
       tf = t.astype(jnp.float32)
-      table, mu, nu = cpu.value_adam(table, mu, nu, g, counts, lr=lr, div=1.0, mul=scale, bc1=1.0 - b1**tf,
+      table, mu, nu = cpu.value_adam(table, mu, nu, rows, g, lr=lr, div=1.0, mul=scale, bc1=1.0 - b1**tf,
                                      bc2=1.0 - b2**tf, lazy=True, **adam)
       return table, mu, nu, t, sq
 
@@ -253,9 +253,9 @@ def fused_dense_value_update(tables: dict, taps: dict, opt_state, cfg: TrainConf
   bc1, bc2 = 1 - cfg.b1**count, 1 - cfg.b2**count  # as optax's bias correction computes them
   lr = lr_fn(schedule.count)
   new_tables, moments = {}, {}
-  for key, (g, counts, _) in sums.items():
+  for key, (rows, g, _) in sums.items():
     mu, nu = adam_moments(adam, key)
-    new_tables[key], mu, nu = cpu.value_adam(tables[key], mu, nu, g, counts, lr=lr, div=div, mul=mul, bc1=bc1,
+    new_tables[key], mu, nu = cpu.value_adam(tables[key], mu, nu, rows, g, lr=lr, div=div, mul=mul, bc1=bc1,
                                              bc2=bc2, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                                              weight_decay=cfg.value_weight_decay, lazy=False)
     moments[key] = (mu, nu)

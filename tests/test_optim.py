@@ -104,9 +104,10 @@ def test_clip_rows_by_global_norm():
   np.testing.assert_array_equal(same, g)
 
 
-def _temp_bytes(update):
+def _temp_bytes(update, fused=True):
   cfg = _model_cfg(update, n_keys=128, value_dim=64)  # table 16384 x 64 fp32 = 4 MiB
-  fns = make_step_fns(cfg, TrainConfig(steps=10, batch_size=2, seq_len=8))  # fewer lookups than slots
+  # fewer lookups than slots
+  fns = make_step_fns(cfg, TrainConfig(steps=10, batch_size=2, seq_len=8, fused_value_update=fused))
   abstract = jax.eval_shape(fns.init, 0)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(0, b=2, t=8))
   compiled = jax.jit(fns.train_step, donate_argnums=0).trace(abstract, batch).lower().compile()
@@ -115,14 +116,15 @@ def _temp_bytes(update):
 
 
 def test_compiled_sparse_step_holds_no_table_sized_temporary():
-  temp, table_bytes, hlo = _temp_bytes("sparse")
-  assert temp < table_bytes / 4, (temp, table_bytes)
-  # Only the table and its two moments carry the [slots, value_dim] shape, as parameters/outputs
-  # updated in place: no broadcast/zeros of that shape anywhere in the program.
   shape = "f32[16384,64]"
-  assert not any(shape in line and ("broadcast(" in line or "constant(" in line) for line in hlo.splitlines())
-  # The contrast: the dense step needs the dense gradient (at least one table-sized temporary).
-  dense_temp, _, dense_hlo = _temp_bytes("dense")
+  for fused in (True, False):  # the fused CPU kernels and the XLA formulation
+    temp, table_bytes, hlo = _temp_bytes("sparse", fused)
+    assert temp < table_bytes / 4, (fused, temp, table_bytes)
+    # Only the table and its two moments carry the [slots, value_dim] shape, as parameters/outputs
+    # updated in place: no broadcast/zeros of that shape anywhere in the program.
+    assert not any(shape in line and ("broadcast(" in line or "constant(" in line) for line in hlo.splitlines())
+  # The contrast: XLA's dense step needs the dense gradient (at least one table-sized temporary).
+  dense_temp, _, dense_hlo = _temp_bytes("dense", fused=False)
   assert dense_temp >= table_bytes
   assert any(shape in line and "broadcast(" in line for line in dense_hlo.splitlines())
 

@@ -203,26 +203,28 @@ def _ffi_row_grads(idx_BxL, w_BxL, dout_BxD, num_slots):
 def value_row_sums(idx, w, dout_BxD, num_slots: int):
   """The value gradient of one pool as summed rows, for ``value_adam`` (the kernel must be built).
 
-  ``idx``/``w`` hold B * L lookups in any shape whose leading order matches ``dout_BxD``'s rows (L
-  consecutive lookups per row). Returns ``(g [M, Dv] f32, counts [M] int32, sq f32)``: the summed
-  gradient of every row read (rows with counts 0 are unspecified), lookups per row, and the squared
-  norm of g over the rows read. Deterministic (a counting sort by row, lookup order within a row).
+  ``idx``/``w`` hold N = B * L lookups in any shape whose order matches ``dout_BxD``'s rows (L
+  consecutive lookups per row). Returns ``(rows [U] int32, g [U, Dv] f32, sq f32)`` with
+  U = min(N, M): the distinct rows read ascending, then padding equal to M; their summed gradients
+  (zero on padding); the squared norm of g. Deterministic (a counting sort by row, lookup order
+  within a row). Nothing of size [M, Dv] when N < M.
   """
   d = dout_BxD.shape[-1]
+  u = min(int(idx.size), int(num_slots))
   call = jax.ffi.ffi_call(
       "memjax_value_row_sums",
-      (jax.ShapeDtypeStruct((num_slots, d), jnp.float32), jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+      (jax.ShapeDtypeStruct((u,), jnp.int32), jax.ShapeDtypeStruct((u, d), jnp.float32),
        jax.ShapeDtypeStruct((), jnp.float32)),
       vmap_method="sequential")
   return call(idx.astype(jnp.int32).reshape(-1), w.astype(jnp.float32).reshape(-1),
               dout_BxD.astype(jnp.float32).reshape(-1, d), num_slots=int(num_slots))
 
 
-def value_adam(table, mu, nu, g, counts, *, lr, div, mul, bc1, bc2, b1: float, b2: float, eps: float,
+def value_adam(table, mu, nu, rows, g, *, lr, div, mul, bc1, bc2, b1: float, b2: float, eps: float,
                weight_decay: float, lazy: bool):
-  """One Adam step of a value table in place (cpu_ffi.cc ``MemjaxValueAdam``): the gradient ``(g / div)
-  * mul`` on rows with ``counts > 0`` (and 0 elsewhere); ``lazy`` updates only those rows. ``bc1``,
-  ``bc2`` are the bias corrections ``1 - b^t``. Returns ``(table, mu, nu)`` (fp32 [M, Dv] each)."""
+  """One Adam step of a value table (cpu_ffi.cc ``MemjaxValueAdam``) with the gradient ``(g / div) * mul``
+  on ``rows`` (``value_row_sums``' output) and 0 elsewhere; ``lazy`` updates only those rows, in
+  place. ``bc1``, ``bc2`` are the bias corrections ``1 - b^t``. Returns ``(table, mu, nu)``."""
   shape = jax.ShapeDtypeStruct(table.shape, jnp.float32)
   # lazy: in place (rows not read are left as they are, O(rows read) work); dense: every row is
   # rewritten, so fresh outputs cost the same traffic and spare XLA a defensive copy of the table.
@@ -230,7 +232,7 @@ def value_adam(table, mu, nu, g, counts, *, lr, div, mul, bc1, bc2, b1: float, b
   call = jax.ffi.ffi_call("memjax_value_adam", (shape, shape, shape), input_output_aliases=aliases,
                           vmap_method="sequential")
   scalar = lambda x: jnp.asarray(x, jnp.float32).reshape(())
-  return call(table, mu, nu, g, counts, scalar(lr), scalar(div), scalar(mul), scalar(bc1), scalar(bc2),
+  return call(table, mu, nu, rows, g, scalar(lr), scalar(div), scalar(mul), scalar(bc1), scalar(bc2),
               b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps), weight_decay=np.float32(weight_decay),
               lazy=bool(lazy))
 

@@ -803,21 +803,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxProductTopK, ProductTopK,
 //
 // Two handlers fuse a value table's optimizer step. The XLA formulation makes several whole-table
 // passes per step (a dense gradient per reader, their sum, the clip, then one pass each for mu, nu
-// and the table); these make one pass over the lookups and one over the table:
+// and the table); these make one pass over the lookups and one over the table (or its read rows):
 //
 // MemjaxValueRowSums  idx [N] s32 (any shape), w [N] f32 (same shape), dout [B, D] f32 where each
 //                     dout row serves N / B consecutive lookups, attr num_slots = M
-//                     -> g [M, D] f32, counts [M] s32, sq [] f32
-//   counts[r] = lookups of row r; for read rows g[r] = sum_{idx[p] = r} w[p] * dout[p / (N / B)],
-//   summed in lookup order (a counting sort by row, so the result is deterministic); rows never
-//   read are NOT written (g's contents there are unspecified: read g only where counts > 0).
-//   sq = the sum of squares of g over read rows, summed in fixed blocks of rows (deterministic).
-//   The row sums are the value gradient's (SortByRow, RunSets, SumSets), without its zero rows.
+//                     -> rows [U] s32, g [U, D] f32, sq [] f32, with U = min(N, M)
+//   rows: the distinct rows read, ascending, then padding equal to M; g[u] = the sum of
+//   w[p] * dout[p / (N / B)] over the lookups p of rows[u], in lookup order (the value gradient's
+//   SortByRow, RunSets and SumSets: deterministic), zero on padding. sq = the sum of squares of g,
+//   summed in fixed blocks of rows (deterministic). Like MemjaxBagRowGrads, but U = min(N, M) rows.
 //
-// MemjaxValueAdam     table, mu, nu [M, D] f32 (aliased to the outputs: updated in place), g [M, D]
-//                     f32, counts [M] s32, lr, div, mul, bc1, bc2 [] f32; attrs b1, b2, eps,
-//                     weight_decay (f32), lazy (bool) -> table, mu, nu
-//   per row r (lazy: only rows with counts[r] > 0; otherwise every row, with g = 0 where unread):
+// MemjaxValueAdam     table, mu, nu [M, D] f32, rows [U] s32 and g [U, D] f32 (as above), lr, div,
+//                     mul, bc1, bc2 [] f32; attrs b1, b2, eps, weight_decay (f32), lazy (bool)
+//                     -> table, mu, nu (lazy: aliased to the inputs, updated in place)
+//   per row r (lazy: only the rows listed; otherwise every row, with g = 0 where not listed):
 //     g' = (g / div) * mul                        (the clip, as the caller states it)
 //     mu = (1 - b1) g' + b1 mu                    nu = (1 - b2) g'^2 + b2 nu
 //     u  = (mu / bc1) / (sqrt(nu / bc2) + eps) + weight_decay * table
@@ -828,37 +827,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxProductTopK, ProductTopK,
 namespace {
 
 using F32R0 = ffi::Buffer<ffi::F32, 0>;
-using S32R0 = ffi::Buffer<ffi::S32, 0>;
-constexpr int64_t kRowBlock = 256;  // read rows per block of the sum of squares
+constexpr int64_t kRowBlock = 256;  // rows per block of the sum of squares
 
-ffi::Error ValueRowSums(ffi::ThreadPool pool, S32Any idx, F32Any w, F32R2 dout, ffi::Result<F32R2> g,
-                        ffi::Result<S32R1> counts, ffi::Result<F32R0> sq, int64_t num_slots) {
+ffi::Error ValueRowSums(ffi::ThreadPool pool, S32Any idx, F32Any w, F32R2 dout, ffi::Result<S32R1> rows,
+                        ffi::Result<F32R2> g, ffi::Result<F32R0> sq, int64_t num_slots) {
   const int64_t n = static_cast<int64_t>(idx.element_count());
   const int64_t b = dout.dimensions()[0], d = dout.dimensions()[1], m = num_slots;
-  if (static_cast<int64_t>(w.element_count()) != n || (b > 0 && n % b != 0) ||
-      g->dimensions()[0] != m || g->dimensions()[1] != d || counts->dimensions()[0] != m)
+  const int64_t u_max = std::min(n, m);
+  if (static_cast<int64_t>(w.element_count()) != n || (b > 0 && n % b != 0) || m <= 0 ||
+      rows->dimensions()[0] != u_max || g->dimensions()[0] != u_max || g->dimensions()[1] != d)
     return ffi::Error::InvalidArgument("memjax value row sums: shapes do not match");
+  int32_t* r = rows->typed_data();
   float* out = g->typed_data();
-  int32_t* cnt = counts->typed_data();
-  std::memset(cnt, 0, m * sizeof(int32_t));
   *sq->typed_data() = 0.f;
-  if (n == 0 || m == 0) return ffi::Error::Success();
+  if (n == 0) return ffi::Error::Success();
   const std::vector<uint64_t> sorted = SortByRow(idx.typed_data(), n, m);
   const std::vector<int64_t> starts = RunStarts(sorted);
-  const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t runs = static_cast<int64_t>(starts.size()) - 1;  // <= u_max
   const RunSets<float> sets{sorted.data(), starts.data(), d, n / b, w.typed_data(), dout.typed_data(), out,
-                            /*dense=*/true};
-  for (int64_t u = 0; u < runs; ++u) cnt[sets.table_row(u)] = static_cast<int32_t>(starts[u + 1] - starts[u]);
-  // Row sums, then their squares in fixed blocks of runs (a deterministic total).
-  const int64_t blocks = (runs + kRowBlock - 1) / kRowBlock;
+                            /*dense=*/false};
+  const int64_t blocks = (u_max + kRowBlock - 1) / kRowBlock;
   std::vector<double> partial(blocks, 0.0);
   ParallelFor(pool, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t u0 = blk * kRowBlock, u1 = std::min(runs, u0 + kRowBlock);
-      SumSets(sets, d, u0, u1, n - 1);
+      const int64_t u0 = blk * kRowBlock, u1 = std::min(u_max, u0 + kRowBlock);
+      const int64_t split = std::clamp(runs, u0, u1);  // [u0, split) are runs, [split, u1) padding
+      for (int64_t u = u0; u < split; ++u) r[u] = static_cast<int32_t>(sets.table_row(u));
+      SumSets(sets, d, u0, split, n - 1);
+      std::fill(r + split, r + u1, static_cast<int32_t>(m));
+      if (u1 > split) std::memset(out + split * d, 0, (u1 - split) * d * sizeof(float));
       double acc = 0.0;
-      for (int64_t u = u0; u < u1; ++u) {
-        const float* row = sets.out(u);
+      for (int64_t u = u0; u < split; ++u) {
+        const float* row = out + u * d;
         float s2 = 0.f;
 #pragma omp simd reduction(+ : s2)
         for (int64_t c = 0; c < d; ++c) s2 += row[c] * row[c];
@@ -873,58 +873,75 @@ ffi::Error ValueRowSums(ffi::ThreadPool pool, S32Any idx, F32Any w, F32R2 dout, 
   return ffi::Error::Success();
 }
 
-ffi::Error ValueAdam(ffi::ThreadPool pool, F32R2 table_in, F32R2 mu_in, F32R2 nu_in, F32R2 g, S32R1 counts,
+// One row's Adam step; gr == nullptr: a zero gradient.
+inline void AdamRow(const float* gr, const float* ti, const float* mi, const float* ni, float* to, float* mo,
+                    float* no, int64_t d, float div, float mul, float b1, float b2, float bc1, float bc2,
+                    float eps, float wd, float neg_lr) {
+  const float c1 = 1.f - b1, c2 = 1.f - b2;
+  if (gr == nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) {
+      const float m1 = b1 * mi[c], v1 = b2 * ni[c];
+      const float u = (m1 / bc1) / (std::sqrt(v1 / bc2) + eps) + wd * ti[c];
+      mo[c] = m1;
+      no[c] = v1;
+      to[c] = ti[c] + neg_lr * u;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) {
+    const float gc = (gr[c] / div) * mul;
+    const float m1 = c1 * gc + b1 * mi[c];
+    const float v1 = c2 * (gc * gc) + b2 * ni[c];
+    const float u = (m1 / bc1) / (std::sqrt(v1 / bc2) + eps) + wd * ti[c];
+    mo[c] = m1;
+    no[c] = v1;
+    to[c] = ti[c] + neg_lr * u;
+  }
+}
+
+ffi::Error ValueAdam(ffi::ThreadPool pool, F32R2 table_in, F32R2 mu_in, F32R2 nu_in, S32R1 rows, F32R2 g,
                      F32R0 lr_b, F32R0 div_b, F32R0 mul_b, F32R0 bc1_b, F32R0 bc2_b,
                      ffi::Result<F32R2> table, ffi::Result<F32R2> mu, ffi::Result<F32R2> nu, float b1,
                      float b2, float eps, float weight_decay, bool lazy) {
-  const int64_t m = table_in.dimensions()[0], d = table_in.dimensions()[1];
-  if (mu_in.dimensions()[0] != m || nu_in.dimensions()[0] != m || g.dimensions()[0] != m ||
-      counts.dimensions()[0] != m || mu_in.dimensions()[1] != d || nu_in.dimensions()[1] != d ||
-      g.dimensions()[1] != d)
+  const int64_t m = table_in.dimensions()[0], d = table_in.dimensions()[1], u_max = rows.dimensions()[0];
+  if (mu_in.dimensions()[0] != m || nu_in.dimensions()[0] != m || mu_in.dimensions()[1] != d ||
+      nu_in.dimensions()[1] != d || g.dimensions()[0] != u_max || g.dimensions()[1] != d)
     return ffi::Error::InvalidArgument("memjax value adam: shapes do not match");
   const float lr = *lr_b.typed_data(), div = *div_b.typed_data(), mul = *mul_b.typed_data();
   const float bc1 = *bc1_b.typed_data(), bc2 = *bc2_b.typed_data();
+  const int32_t* rw = rows.typed_data();
   const float* gi = g.typed_data();
-  const int32_t* cnt = counts.typed_data();
-  // In place when XLA aliased the outputs to the inputs (it does: input_output_aliases); else copy.
   const float* ti = table_in.typed_data();
   const float* mi = mu_in.typed_data();
   const float* ni = nu_in.typed_data();
   float* to = table->typed_data();
   float* mo = mu->typed_data();
   float* no = nu->typed_data();
-  const float neg_lr = -lr, c1 = 1.f - b1, c2 = 1.f - b2;
+  // The listed rows: ascending, then padding (>= m).
+  const int64_t listed = std::lower_bound(rw, rw + u_max, static_cast<int32_t>(std::min<int64_t>(m, INT32_MAX))) - rw;
+  if (lazy) {
+    if (to != ti) std::memcpy(to, ti, m * d * sizeof(float));  // XLA aliases them; this is a fallback
+    if (mo != mi) std::memcpy(mo, mi, m * d * sizeof(float));
+    if (no != ni) std::memcpy(no, ni, m * d * sizeof(float));
+    ParallelFor(pool, listed, 64, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t o = static_cast<int64_t>(rw[u]) * d;
+        AdamRow(gi + u * d, to + o, mo + o, no + o, to + o, mo + o, no + o, d, div, mul, b1, b2, bc1, bc2, eps,
+                weight_decay, -lr);
+      }
+    });
+    return ffi::Error::Success();
+  }
   ParallelFor(pool, m, 256, [&](int64_t r0, int64_t r1) {
+    int64_t u = std::lower_bound(rw, rw + listed, static_cast<int32_t>(r0)) - rw;
     for (int64_t r = r0; r < r1; ++r) {
+      const float* gr = nullptr;
+      if (u < listed && rw[u] == r) gr = gi + (u++) * d;
       const int64_t o = r * d;
-      if (cnt[r] == 0) {
-        if (lazy) {
-          if (to != ti) std::memcpy(to + o, ti + o, d * sizeof(float));
-          if (mo != mi) std::memcpy(mo + o, mi + o, d * sizeof(float));
-          if (no != ni) std::memcpy(no + o, ni + o, d * sizeof(float));
-          continue;
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) {
-          const float m1 = c1 * 0.f + b1 * mi[o + c];
-          const float v1 = c2 * 0.f + b2 * ni[o + c];
-          const float u = (m1 / bc1) / (std::sqrt(v1 / bc2) + eps) + weight_decay * ti[o + c];
-          mo[o + c] = m1;
-          no[o + c] = v1;
-          to[o + c] = ti[o + c] + neg_lr * u;
-        }
-        continue;
-      }
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) {
-        const float gc = (gi[o + c] / div) * mul;
-        const float m1 = c1 * gc + b1 * mi[o + c];
-        const float v1 = c2 * (gc * gc) + b2 * ni[o + c];
-        const float u = (m1 / bc1) / (std::sqrt(v1 / bc2) + eps) + weight_decay * ti[o + c];
-        mo[o + c] = m1;
-        no[o + c] = v1;
-        to[o + c] = ti[o + c] + neg_lr * u;
-      }
+      AdamRow(gr, ti + o, mi + o, ni + o, to + o, mo + o, no + o, d, div, mul, b1, b2, bc1, bc2, eps, weight_decay,
+              -lr);
     }
   });
   return ffi::Error::Success();
@@ -938,8 +955,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxValueRowSums, ValueRowSums,
                                   .Arg<S32Any>()
                                   .Arg<F32Any>()
                                   .Arg<F32R2>()
-                                  .Ret<F32R2>()
                                   .Ret<S32R1>()
+                                  .Ret<F32R2>()
                                   .Ret<F32R0>()
                                   .Attr<int64_t>("num_slots"));
 
@@ -949,8 +966,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxValueAdam, ValueAdam,
                                   .Arg<F32R2>()
                                   .Arg<F32R2>()
                                   .Arg<F32R2>()
-                                  .Arg<F32R2>()
                                   .Arg<S32R1>()
+                                  .Arg<F32R2>()
                                   .Arg<F32R0>()
                                   .Arg<F32R0>()
                                   .Arg<F32R0>()
