@@ -47,6 +47,7 @@ _TARGETS = {
     "memjax_product_topk": "MemjaxProductTopK",  # called from topk.py
     "memjax_value_row_sums": "MemjaxValueRowSums",  # the fused value update (optim.py)
     "memjax_value_adam": "MemjaxValueAdam",
+    "memjax_scatter_rows": "MemjaxScatterRows",  # the product top-k's score gradient (product_keys.py)
 }
 SUPPORTED_VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
@@ -235,6 +236,18 @@ def value_adam(table, mu, nu, rows, g, *, lr, div, mul, bc1, bc2, b1: float, b2:
   return call(table, mu, nu, rows, g, scalar(lr), scalar(div), scalar(mul), scalar(bc1), scalar(bc2),
               b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps), weight_decay=np.float32(weight_decay),
               lazy=bool(lazy))
+
+
+def scatter_rows(idx, v, n: int):
+  """``out[..., :] = 0; out[..., idx[..., c]] += v[..., c]``: [..., k] -> [..., n] fp32, the transpose
+  of ``take_along_axis`` (the C++ kernel when built, else XLA's scatter)."""
+  shape = idx.shape[:-1] + (n,)
+  if not ffi_status()[0]:
+    flat_idx, flat_v = idx.reshape(-1, idx.shape[-1]), v.reshape(-1, idx.shape[-1]).astype(jnp.float32)
+    out = jnp.zeros((flat_idx.shape[0], n), jnp.float32)
+    return out.at[jnp.arange(flat_idx.shape[0])[:, None], flat_idx].add(flat_v).reshape(shape)
+  call = jax.ffi.ffi_call("memjax_scatter_rows", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+  return call(idx.astype(jnp.int32), v.astype(jnp.float32), n=int(n))
 
 
 # ----- the backend --------------------------------------------------------------------------------------

@@ -259,20 +259,51 @@ struct RunSets {
   T* out(int64_t u) const { return dst + (dense ? table_row(u) : u) * d; }
 };
 
-// The lookups sorted by (clamped) row, stably: keys row << 32 | lookup, ascending. A counting sort
-// (one histogram of the rows, one scatter) while the table has at most 8 rows per lookup, else a
-// stable LSD radix sort on 11-bit digits of the row (two or more passes).
-std::vector<uint64_t> SortByRow(const int32_t* idx, int64_t n, int64_t m) {
-  std::vector<uint64_t> a(n);
+// The lookups sorted by (clamped) row, stably (keys row << 32 | lookup, ascending), and where each
+// run of one row starts (then n). While the table has at most 8 rows per lookup: a counting sort,
+// split over the pool in fixed chunks of lookups (a histogram per chunk, one prefix over (row,
+// chunk), each chunk scattering its own lookups: stable, and the same result on any thread count);
+// else a stable LSD radix sort on 11-bit digits of the row (two or more passes).
+struct RowRuns {
+  std::vector<uint64_t> sorted;
+  std::vector<int64_t> starts;
+};
+
+RowRuns SortByRow(ffi::ThreadPool& pool, const int32_t* idx, int64_t n, int64_t m) {
+  RowRuns out;
+  std::vector<uint64_t>& a = out.sorted;
+  a.resize(n);
   if (m <= 8 * std::max<int64_t>(n, 1024)) {
-    std::vector<int64_t> next(m + 1, 0);
-    for (int64_t i = 0; i < n; ++i) ++next[Clamp(idx[i], m) + 1];
-    for (int64_t r = 0; r < m; ++r) next[r + 1] += next[r];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = Clamp(idx[i], m);
-      a[next[r]++] = (static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(i);
+    const int64_t chunks = std::clamp<int64_t>(n / 32768, 1, 8);
+    std::vector<int32_t> hist(chunks * m, 0);  // [chunk][row]: counts, then write offsets
+    const auto bounds = [&](int64_t c) { return std::pair<int64_t, int64_t>(c * n / chunks, (c + 1) * n / chunks); };
+    ParallelFor(pool, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int32_t* h = hist.data() + c * m;
+        for (int64_t i = bounds(c).first; i < bounds(c).second; ++i) ++h[Clamp(idx[i], m)];
+      }
+    });
+    int64_t offset = 0;
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t first = offset;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int32_t count = hist[c * m + r];
+        hist[c * m + r] = static_cast<int32_t>(offset);
+        offset += count;
+      }
+      if (offset > first) out.starts.push_back(first);
     }
-    return a;
+    out.starts.push_back(n);
+    ParallelFor(pool, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int32_t* next = hist.data() + c * m;
+        for (int64_t i = bounds(c).first; i < bounds(c).second; ++i) {
+          const int64_t r = Clamp(idx[i], m);
+          a[next[r]++] = (static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(i);
+        }
+      }
+    });
+    return out;
   }
   std::vector<uint64_t> b(n);
   for (int64_t i = 0; i < n; ++i)
@@ -294,18 +325,11 @@ std::vector<uint64_t> SortByRow(const int32_t* idx, int64_t n, int64_t m) {
     for (int64_t i = 0; i < n; ++i) b[count[(a[i] >> (32 + shift)) & (kBuckets - 1)]++] = a[i];
     a.swap(b);
   }
-  return a;
-}
-
-// Positions where a run of equal rows starts, then n.
-std::vector<int64_t> RunStarts(const std::vector<uint64_t>& sorted) {
-  const int64_t n = static_cast<int64_t>(sorted.size());
-  std::vector<int64_t> starts;
-  starts.reserve(n + 1);
+  out.starts.reserve(n + 1);
   for (int64_t p = 0; p < n; ++p)
-    if (p == 0 || (sorted[p] >> 32) != (sorted[p - 1] >> 32)) starts.push_back(p);
-  starts.push_back(n);
-  return starts;
+    if (p == 0 || (a[p] >> 32) != (a[p - 1] >> 32)) out.starts.push_back(p);
+  out.starts.push_back(n);
+  return out;
 }
 
 // ----- handlers -----------------------------------------------------------------------------------
@@ -427,8 +451,9 @@ void ValueGrad(ffi::ThreadPool& pool, const int32_t* idx, const float* w, const 
                int64_t nbags, int64_t bag, int64_t m, int64_t d, T* dv) {
   AdviseHugePages(dv, m * d * static_cast<int64_t>(sizeof(T)));
   const int64_t n = nbags * bag;
-  const std::vector<uint64_t> sorted = SortByRow(idx, n, m);
-  const std::vector<int64_t> starts = RunStarts(sorted);
+  const RowRuns sorted_runs = SortByRow(pool, idx, n, m);
+  const std::vector<uint64_t>& sorted = sorted_runs.sorted;
+  const std::vector<int64_t>& starts = sorted_runs.starts;
   const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
   const RunSets<T> sets{sorted.data(), starts.data(), d, bag, w, dout, dv, /*dense=*/true};
   auto zero_rows = [&](int64_t r0, int64_t r1) {
@@ -477,8 +502,9 @@ ffi::Error BagRowGrads(ffi::ThreadPool pool, S32R2 idx, F32R2 w, F32R2 dout, ffi
     std::fill(g, g + n * d, 0.f);
     return ffi::Error::Success();
   }
-  const std::vector<uint64_t> sorted = SortByRow(idx.typed_data(), n, num_slots);
-  const std::vector<int64_t> starts = RunStarts(sorted);
+  const RowRuns sorted_runs = SortByRow(pool, idx.typed_data(), n, num_slots);
+  const std::vector<uint64_t>& sorted = sorted_runs.sorted;
+  const std::vector<int64_t>& starts = sorted_runs.starts;
   const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
   const RunSets<float> sets{sorted.data(), starts.data(), d, bag, w.typed_data(), dout.typed_data(),
                             g, /*dense=*/false};
@@ -841,8 +867,9 @@ ffi::Error ValueRowSums(ffi::ThreadPool pool, S32Any idx, F32Any w, F32R2 dout, 
   float* out = g->typed_data();
   *sq->typed_data() = 0.f;
   if (n == 0) return ffi::Error::Success();
-  const std::vector<uint64_t> sorted = SortByRow(idx.typed_data(), n, m);
-  const std::vector<int64_t> starts = RunStarts(sorted);
+  const RowRuns sorted_runs = SortByRow(pool, idx.typed_data(), n, m);
+  const std::vector<uint64_t>& sorted = sorted_runs.sorted;
+  const std::vector<int64_t>& starts = sorted_runs.starts;
   const int64_t runs = static_cast<int64_t>(starts.size()) - 1;  // <= u_max
   const RunSets<float> sets{sorted.data(), starts.data(), d, n / b, w.typed_data(), dout.typed_data(), out,
                             /*dense=*/false};
@@ -981,3 +1008,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxValueAdam, ValueAdam,
                                   .Attr<float>("eps")
                                   .Attr<float>("weight_decay")
                                   .Attr<bool>("lazy"));
+
+// ----- the product top-k's score gradient ------------------------------------------------------------
+//
+// MemjaxScatterRows   idx [..., k] s32, v [..., k] f32, attr n -> out [..., n] f32
+//   out[r, :] = 0, then out[r, idx[r, c]] += v[r, c] for c = 0 .. k - 1 in order (indices clamped to
+//   [0, n)): the transpose of take_along_axis, i.e. the chosen scores' cotangent put back into the
+//   dense sub-key scores (product_keys._dense_score_grad). XLA's scatter costs ~3x this on CPU.
+
+namespace {
+
+ffi::Error ScatterRows(ffi::ThreadPool pool, S32Any idx, F32Any v, ffi::Result<F32Any> out, int64_t n) {
+  const auto di = idx.dimensions();
+  if (di.size() < 1 || v.element_count() != idx.element_count() || n < 1)
+    return ffi::Error::InvalidArgument("memjax scatter rows: idx and v must have one shape [..., k]");
+  const int64_t k = di.back();
+  const int64_t rows = k == 0 ? 0 : static_cast<int64_t>(idx.element_count()) / k;
+  if (static_cast<int64_t>(out->element_count()) != rows * n)
+    return ffi::Error::InvalidArgument("memjax scatter rows: out must have shape [..., n]");
+  const int32_t* ix = idx.typed_data();
+  const float* vv = v.typed_data();
+  float* o = out->typed_data();
+  if (k == 0) {
+    std::memset(o, 0, out->element_count() * sizeof(float));
+    return ffi::Error::Success();
+  }
+  ParallelFor(pool, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+    std::memset(o + r0 * n, 0, (r1 - r0) * n * sizeof(float));
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < k; ++c) o[r * n + Clamp(ix[r * k + c], n)] += vv[r * k + c];
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxScatterRows, ScatterRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<S32Any>()
+                                  .Arg<F32Any>()
+                                  .Ret<F32Any>()
+                                  .Attr<int64_t>("n"));

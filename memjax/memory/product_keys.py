@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from memjax.kernels import cpu
 from memjax.kernels.topk import pick, product_topk_from_scores
 
 
@@ -95,15 +97,6 @@ def _selected_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
 DENSE_PICK_MAX_N_OVER_K = 16
 
 
-def _taken_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
-  """``_selected_scores`` as entries of the dense, differentiable scores (the CPU formulation),
-  taken head-major (the order the scores come out of the matmul in)."""
-  s1, s2 = subkey_scores_head_major(query_xHxK, keys_Hx2xNxK2)  # [H, N, n]
-  chosen = (jnp.take_along_axis(s1, _head_major(i_xHxk), axis=-1)
-            + jnp.take_along_axis(s2, _head_major(j_xHxk), axis=-1))  # [H, N, k]
-  return _token_major(chosen, i_xHxk.shape[:-2])
-
-
 def _picked_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
   """``_selected_scores`` from the dense scores by one-hot picks: no gather (the TPU formulation)."""
   s1, s2 = subkey_scores(query_xHxK, keys_Hx2xNxK2)
@@ -144,29 +137,61 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
   # only its [H, N, k] results are transposed, not the [H, N, n] scores (on CPU at 2048 tokens x 2
   # heads, n 256, k 32 that transpose cost as much as a third of the selection).
   s1, s2 = subkey_scores_head_major(jax.lax.stop_gradient(query), jax.lax.stop_gradient(keys))  # [H, N, n]
-  scores, i, j = (_token_major(x, query.shape[:-2])
-                  for x in product_topk_from_scores(s1, s2, k, backend=backend))  # [..., H, k]
+  selected = product_topk_from_scores(s1, s2, k, backend=backend)  # [H, N, k] each
+  lead = query.shape[:-2]
+  scores, i, j = (_token_major(x, lead) for x in selected)  # [..., H, k]
   indices = (i * n + j).astype(jnp.int32)
-  # Gradient: only the k chosen slots' scores depend on the parameters, so differentiate a
-  # recomputation of those k scores; the forward value stays the exact top-k sums.
-  # How the chosen scores are recomputed (same values, different cost per platform):
-  #  gathered: the k chosen sub-keys' rows, O(k Dk) per head; the reference, and XLA GPU's.
-  #  taken:    the k entries of the dense differentiable scores (already computed for the selection),
-  #            an O(n Dk) matmul backward; on CPU cheaper while n <= DENSE_PICK_MAX_N_OVER_K * k
-  #            (2048 tokens x 2 heads, n 256, k 32: forward 28 -> 2 ms, with gradient 37 -> 14 ms).
-  #  picked:   one-hot picks of the dense scores, no gather or scatter at all: TPU (compiled for v5p,
-  #            16k tokens x 4 heads, n 1024, k 32: forward + backward estimate 13 -> 5.7 ms).
+  # Gradient: only the k chosen slots' scores depend on the parameters. How it is formed (the same
+  # gradient, different cost per platform):
+  #  gathered: a recomputation of the k chosen scores from the chosen sub-keys' rows, O(k Dk) per
+  #            head; the reference, and XLA GPU's.
+  #  dense:    the scores' cotangent scattered into the dense [H, N, n] sub-key scores (already
+  #            computed for the selection), an O(n Dk) matmul backward and no forward work at all
+  #            (a custom VJP); on CPU while n <= DENSE_PICK_MAX_N_OVER_K * k (2048 tokens x 2 heads,
+  #            n 256, k 32: forward 28 -> 2 ms, with gradient 37 -> 14 ms against gathered).
+  #  picked:   a recomputation by one-hot picks of the dense scores, no gather or scatter at all: TPU
+  #            (compiled for v5p, 16k tokens x 4 heads, n 1024, k 32: forward + backward estimate
+  #            13 -> 5.7 ms).
+  def recomputed(chosen_fn):
+    def fn(query, keys):
+      chosen = chosen_fn(query, keys, i, j)
+      return scores + (chosen - jax.lax.stop_gradient(chosen))
+    return fn
+
+  def dense(query, keys):
+    return _token_major(_dense_score_grad(*subkey_scores_head_major(query, keys), *selected), lead)
+
   if backend == "xla":
-    chosen = _selected_scores(query, keys, i, j)
-  else:
-    on_cpu = _taken_scores if n <= DENSE_PICK_MAX_N_OVER_K * k else _selected_scores
-    if backend == "cpu":
-      chosen = on_cpu(query, keys, i, j)
-    else:
-      chosen = jax.lax.platform_dependent(query, keys, i, j, cpu=on_cpu, tpu=_picked_scores,
-                                          default=_selected_scores)
-  scores = scores + (chosen - jax.lax.stop_gradient(chosen))
+    return recomputed(_selected_scores)(query, keys), indices
+  on_cpu = dense if n <= DENSE_PICK_MAX_N_OVER_K * k else recomputed(_selected_scores)
+  if backend == "cpu":
+    return on_cpu(query, keys), indices
+  scores = jax.lax.platform_dependent(query, keys, cpu=on_cpu, tpu=recomputed(_picked_scores),
+                                      default=recomputed(_selected_scores))
   return scores, indices
+
+
+@jax.custom_vjp
+def _dense_score_grad(s1_HxNxn, s2_HxNxn, scores_HxNxk, i_HxNxk, j_HxNxk):
+  """``scores`` (the selection's exact sums, no further work), differentiable as the entries
+  ``s1[i] + s2[j]`` of the dense sub-key scores: the cotangent is scattered into them."""
+  del s1_HxNxn, s2_HxNxn, i_HxNxk, j_HxNxk
+  return scores_HxNxk
+
+
+def _dense_score_grad_fwd(s1, s2, scores, i, j):
+  return scores, (i, j, s1.shape[-1])
+
+
+def _dense_score_grad_bwd(res, d_scores_HxNxk):
+  i, j, n = res
+  zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  # The transpose of take_along_axis, [H, N, k] -> [H, N, n] (the C++ kernel on CPU).
+  return (cpu.scatter_rows(i, d_scores_HxNxk, n), cpu.scatter_rows(j, d_scores_HxNxk, n),
+          jnp.zeros_like(d_scores_HxNxk), zero_int(i), zero_int(j))
+
+
+_dense_score_grad.defvjp(_dense_score_grad_fwd, _dense_score_grad_bwd)
 
 
 def product_key_topk_reference(query, keys, k: int):
