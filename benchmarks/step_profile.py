@@ -3,6 +3,7 @@
   python benchmarks/step_profile.py                          # the three model families below
   python benchmarks/step_profile.py --families=knowledge --repeats=5
   python benchmarks/step_profile.py --topk_backend=xla       # the same with XLA's top-k (the old path)
+  python benchmarks/step_profile.py --xla_update             # + Memory+ rows with train.fused_value_update=False
 
 Families (each: dense 1x, dense 2x FLOPs, Memory+ with the dense and with the sparse value update):
   knowledge  benchmarks/knowledge.py's "full" models: width 64, 4 blocks, 3 Memory+ layers over
@@ -14,13 +15,16 @@ The dense models are searched in width and depth for the FLOPs/token closest to 
 Memory+ model's (knowledge.dense_scaled).
 
 All steps of a family are compiled first, then run interleaved (A, B, C, D, A, B, ...) so that a
-noisy shared machine slows them alike; the table gives medians and the ratio to dense 1x. Then, for one
+noisy shared machine slows them alike; the table gives medians, their ratio to dense 1x, and the
+median over rounds of each round's own ratio (robust to slow drifts of the machine). Then, for one
 memory layer of each family at the step's shapes (tokens = batch x seq), the parts of the read, timed
 the same way, as prefixes whose differences are the parts:
   scoring      query -> the two halves' sub-key scores (two matmuls)
   top-k        + the selection (memjax.kernels.topk: the C++ kernel on CPU)
   read fwd     + softmax + embedding_bag (the whole memory_read)
   read fwd+bwd the read and its gradients (query, keys, values)
+and, for the layer's value pool, the value update at the step's shapes (all readers' lookups), dense
+and lazy: the fused CPU kernels (memjax_value_row_sums + memjax_value_adam) that the step runs.
 Writes ``benchmarks/results/step_profile.json``. Uses a 1,024-token vocabulary (the BPE size of the
 knowledge sweep) rather than training a tokenizer.
 """
@@ -68,14 +72,18 @@ FAMILY_MODELS = {
 }
 
 
-def family_configs(family: str) -> dict:
-  """{name: typed Config}: dense_1x, dense_2x (FLOPs-matched to 1x / 2x Memory+), memory_plus_{dense,sparse}."""
+def family_configs(family: str, xla_update: bool = False) -> dict:
+  """{name: typed Config}: dense_1x, dense_2x (FLOPs-matched to 1x / 2x Memory+), memory_plus_{dense,sparse}
+  (and with ``xla_update`` memory_plus_{dense,sparse}_xla_update: ``train.fused_value_update=False``)."""
   trunk, memory = FAMILY_MODELS[family]
   base_flops = _runs.model_figures(trunk, VOCAB)["flops_per_token"]
   mp_flops = _runs.model_figures({**trunk, **memory}, VOCAB)["flops_per_token"]
   out = {f"dense_{m}x": {**trunk, **knowledge.dense_scaled(trunk, m * mp_flops / base_flops, VOCAB)} for m in (1, 2)}
   for update in ("dense", "sparse"):
     out[f"memory_plus_{update}"] = {**trunk, **memory, "model.memory.value_update": update}
+  if xla_update:
+    for update in ("dense", "sparse"):
+      out[f"memory_plus_{update}_xla_update"] = {**out[f"memory_plus_{update}"], "train.fused_value_update": False}
   return {k: _runs.typed_config(v, VOCAB) for k, v in out.items()}
 
 
@@ -147,12 +155,46 @@ def read_runners(cfg, topk_backend: str) -> dict:
   return runners
 
 
+def update_runners(cfg) -> dict:
+  """The fused value update of the pool (``optim``'s CPU kernels) at the step's shapes: its readers'
+  lookups and read cotangents, then Adam, dense (every row) and lazy (rows read)."""
+  from memjax.kernels import cpu
+
+  layer = cfg.model.memory.layer
+  readers = len(cfg.model.memory.layers) if cfg.model.memory.shared else 1
+  b, t, lk, m, dv = cfg.train.batch_size, cfg.train.seq_len, layer.heads * layer.k, layer.num_slots, layer.value_dim
+  r = np.random.default_rng(0)
+  idx = jnp.asarray(r.integers(0, m, (readers, b, t, lk)), jnp.int32)
+  w = jnp.asarray(r.random((readers, b, t, lk)), jnp.float32)
+  dy = jnp.asarray(r.standard_normal((readers, b, t, dv)), jnp.float32)
+  table, mu, nu = (jnp.asarray(r.standard_normal((m, dv)), jnp.float32) for _ in range(3))
+  nu = jnp.abs(nu)
+
+  def update(lazy):
+    def fn(table, mu, nu, idx, w, dy):
+      rows, g, sq = cpu.value_row_sums(idx, w, dy, m)
+      return cpu.value_adam(table, mu, nu, rows, g, lr=1e-3, div=1.0, mul=1.0, bc1=0.1, bc2=0.05, b1=0.9, b2=0.95,
+                            eps=1e-8, weight_decay=0.0, lazy=lazy), sq
+    return jax.jit(fn)
+
+  fns = {"row sums": jax.jit(lambda idx, w, dy: cpu.value_row_sums(idx, w, dy, m)),
+         "dense update": update(False), "lazy update": update(True)}
+  runners = {}
+  for name, f in fns.items():
+    args = (idx, w, dy) if name == "row sums" else (table, mu, nu, idx, w, dy)
+    jax.block_until_ready(f(*args))
+    runners[name] = lambda f=f, args=args: jax.block_until_ready(f(*args))
+  return runners
+
+
 def main(argv=None):
   p = ArgumentParser(prog="benchmarks/step_profile.py", description=__doc__.splitlines()[0])
   p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {list(FAMILIES)}")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--topk_backend", default="auto", choices=["auto", "xla", "approx"],
                  help="model.memory.topk of every memory model (xla: the path before the C++ kernel)")
+  p.add_argument("--xla_update", action="store_true",
+                 help="also time the Memory+ steps with train.fused_value_update=False (XLA's update)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_profile.json"))
   args = p.parse_args(argv)
   families = [f for f in args.families.split(",") if f]
@@ -164,33 +206,43 @@ def main(argv=None):
   results = []
   for family in families:
     print(f"{family}:", flush=True)
-    configs = family_configs(family)
+    configs = family_configs(family, args.xla_update)
     times = interleaved(step_runners(configs, args.topk_backend), args.repeats)
     base = float(np.median(times["dense_1x"]))
     steps = {name: {"median_ms": 1e3 * float(np.median(t)), "over_dense_1x": float(np.median(t)) / base,
+                    "round_ratio_median": float(np.median(np.asarray(t) / np.asarray(times["dense_1x"]))),
                     "flops_per_token": configs[name].model.flops_per_token(configs[name].train.seq_len),
                     "times_s": t} for name, t in times.items()}
     parts = interleaved(read_runners(configs["memory_plus_dense"], args.topk_backend), args.repeats)
     med = {name: 1e3 * float(np.median(t)) for name, t in parts.items()}
     readers = len(configs["memory_plus_dense"].model.memory.layers)
+    upd = {name: 1e3 * float(np.median(t))
+           for name, t in interleaved(update_runners(configs["memory_plus_dense"]), args.repeats).items()}
     results.append({"family": family, "steps": steps, "read_prefix_ms": med, "memory_layers": readers,
                     "read_parts_ms": {"scoring": med["scoring"], "top-k": med["top-k"] - med["scoring"],
                                       "softmax + bag": med["read fwd"] - med["top-k"],
-                                      "backward": med["read fwd+bwd"] - med["read fwd"]}})
-  print(f"\n{'family':<10} {'step':<20} {'GFLOP/tok':>9} {'median ms':>10} {'x dense 1x':>10}")
+                                      "backward": med["read fwd+bwd"] - med["read fwd"]},
+                    "value_update_ms": upd})
+  print(f"\n{'family':<10} {'step':<32} {'GFLOP/tok':>9} {'median ms':>10} {'x dense 1x':>10} {'round x':>8}")
   for r in results:
     for name, s in r["steps"].items():
-      print(f"{r['family']:<10} {name:<20} {s['flops_per_token'] / 1e9:>9.4f} {s['median_ms']:>10.1f} "
-            f"{s['over_dense_1x']:>10.2f}")
+      print(f"{r['family']:<10} {name:<32} {s['flops_per_token'] / 1e9:>9.4f} {s['median_ms']:>10.1f} "
+            f"{s['over_dense_1x']:>10.2f} {s['round_ratio_median']:>8.2f}")
   print("\none memory layer's read at the step's shapes (ms; a Memory+ step has 'layers' of them):")
   print(f"{'family':<10} {'scoring':>8} {'top-k':>8} {'soft+bag':>9} {'backward':>9} {'total':>8} {'layers':>7}")
   for r in results:
     parts = r["read_parts_ms"]
     print(f"{r['family']:<10} {parts['scoring']:>8.1f} {parts['top-k']:>8.1f} {parts['softmax + bag']:>9.1f} "
           f"{parts['backward']:>9.1f} {r['read_prefix_ms']['read fwd+bwd']:>8.1f} {r['memory_layers']:>7}")
+  print("\nthe pool's value update at the step's shapes (ms; once per step, all readers' lookups):")
+  print(f"{'family':<10} {'row sums':>9} {'dense update':>13} {'lazy update':>12}")
+  for r in results:
+    u = r["value_update_ms"]
+    print(f"{r['family']:<10} {u['row sums']:>9.1f} {u['dense update']:>13.1f} {u['lazy update']:>12.1f}")
   meta = {"command": "python benchmarks/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
           "machine": _runs.machine(), "jax": jax.__version__, "repeats": args.repeats,
-          "topk_backend": args.topk_backend, "load_average_at_end": os.getloadavg()}
+          "topk_backend": args.topk_backend, "xla_update": args.xla_update,
+          "load_average_at_end": os.getloadavg()}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -200,8 +200,11 @@ def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamS
       scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30)) if clip > 0 else jnp.ones(())
       t = count + 1
       tf = t.astype(jnp.float32)
+      # In place when the step reads fewer rows than the table has (step.py then reads it with XLA's
+      # gather, so XLA keeps no copy of the table for the readers' kernels).
       table, mu, nu = cpu.value_adam(table, mu, nu, rows, g, lr=lr, div=1.0, mul=scale, bc1=1.0 - b1**tf,
-                                     bc2=1.0 - b2**tf, lazy=True, **adam)
+                                     bc2=1.0 - b2**tf, lazy=True, table_in_place=idx.size < table.shape[0],
+                                     **adam)
       return table, mu, nu, t, sq
 
     def plain(table, mu, nu, count, idx, wts, dys, lr):

@@ -70,8 +70,8 @@ def _adam_reference(table, mu, nu, g_dense, read, lr, div, mul, bc1, bc2, b1, b2
 
 
 @needs_kernel
-@pytest.mark.parametrize("lazy", [True, False])
-def test_adam_equals_the_formula_and_lazy_leaves_unread_rows(lazy):
+@pytest.mark.parametrize("lazy,in_place", [(True, True), (True, False), (False, True), (False, False)])
+def test_adam_equals_the_formula_and_lazy_leaves_unread_rows(lazy, in_place):
   r = np.random.default_rng(1)
   m, d, u = 12, 5, 8
   table, mu = (r.standard_normal((m, d)).astype(np.float32) for _ in range(2))
@@ -85,7 +85,7 @@ def test_adam_equals_the_formula_and_lazy_leaves_unread_rows(lazy):
   hyper = dict(b1=0.9, b2=0.95, eps=1e-8)
   lr, div, mul, bc1, bc2 = 0.01, 2.0, 0.5, 1 - 0.9**3, 1 - 0.95**3
   out = jax.jit(lambda *a: cpu.value_adam(*a, lr=lr, div=div, mul=mul, bc1=bc1, bc2=bc2, weight_decay=0.1,
-                                           lazy=lazy, **hyper))(table, mu, nu, rows, g)
+                                           lazy=lazy, table_in_place=in_place, **hyper))(table, mu, nu, rows, g)
   want = _adam_reference(table, mu, nu, g_dense, read, lr, div, mul, bc1, bc2, 0.9, 0.95, 1e-8, 0.1, lazy)
   for got, ref in zip(out, want):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-6, atol=1e-7)

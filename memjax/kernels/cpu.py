@@ -222,14 +222,19 @@ def value_row_sums(idx, w, dout_BxD, num_slots: int):
 
 
 def value_adam(table, mu, nu, rows, g, *, lr, div, mul, bc1, bc2, b1: float, b2: float, eps: float,
-               weight_decay: float, lazy: bool):
+               weight_decay: float, lazy: bool, table_in_place: bool = False):
   """One Adam step of a value table (cpu_ffi.cc ``MemjaxValueAdam``) with the gradient ``(g / div) * mul``
-  on ``rows`` (``value_row_sums``' output) and 0 elsewhere; ``lazy`` updates only those rows, in
-  place. ``bc1``, ``bc2`` are the bias corrections ``1 - b^t``. Returns ``(table, mu, nu)``."""
+  on ``rows`` (``value_row_sums``' output) and 0 elsewhere; ``lazy`` updates only those rows. ``bc1``,
+  ``bc2`` are the bias corrections ``1 - b^t``. Returns ``(table, mu, nu)``.
+
+  The moments are updated in place (their only reader is this call). ``table_in_place`` updates the
+  table in place too: with ``lazy``, O(rows read) work, the right choice when a step reads fewer rows
+  than the table has (its reads then go through XLA's gather). Otherwise the table is written once
+  to a fresh buffer (rows not read are copied under ``lazy``): when opaque kernels read the table,
+  XLA keeps a copy of it for them, and an in-place update would cost a second one.
+  """
   shape = jax.ShapeDtypeStruct(table.shape, jnp.float32)
-  # lazy: in place (rows not read are left as they are, O(rows read) work); dense: every row is
-  # rewritten, so fresh outputs cost the same traffic and spare XLA a defensive copy of the table.
-  aliases = {0: 0, 1: 1, 2: 2} if lazy else {}
+  aliases = {0: 0, 1: 1, 2: 2} if table_in_place else {1: 1, 2: 2}
   call = jax.ffi.ffi_call("memjax_value_adam", (shape, shape, shape), input_output_aliases=aliases,
                           vmap_method="sequential")
   scalar = lambda x: jnp.asarray(x, jnp.float32).reshape(())

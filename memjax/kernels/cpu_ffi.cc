@@ -841,7 +841,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxProductTopK, ProductTopK,
 //
 // MemjaxValueAdam     table, mu, nu [M, D] f32, rows [U] s32 and g [U, D] f32 (as above), lr, div,
 //                     mul, bc1, bc2 [] f32; attrs b1, b2, eps, weight_decay (f32), lazy (bool)
-//                     -> table, mu, nu (lazy: aliased to the inputs, updated in place)
+//                     -> table, mu, nu (mu and nu aliased to the inputs; the table too when the
+//                        caller updates it in place)
 //   per row r (lazy: only the rows listed; otherwise every row, with g = 0 where not listed):
 //     g' = (g / div) * mul                        (the clip, as the caller states it)
 //     mu = (1 - b1) g' + b1 mu                    nu = (1 - b2) g'^2 + b2 nu
@@ -948,10 +949,7 @@ ffi::Error ValueAdam(ffi::ThreadPool pool, F32R2 table_in, F32R2 mu_in, F32R2 nu
   float* no = nu->typed_data();
   // The listed rows: ascending, then padding (>= m).
   const int64_t listed = std::lower_bound(rw, rw + u_max, static_cast<int32_t>(std::min<int64_t>(m, INT32_MAX))) - rw;
-  if (lazy) {
-    if (to != ti) std::memcpy(to, ti, m * d * sizeof(float));  // XLA aliases them; this is a fallback
-    if (mo != mi) std::memcpy(mo, mi, m * d * sizeof(float));
-    if (no != ni) std::memcpy(no, ni, m * d * sizeof(float));
+  if (lazy && to == ti && mo == mi && no == ni) {  // in place: the listed rows only
     ParallelFor(pool, listed, 64, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t o = static_cast<int64_t>(rw[u]) * d;
@@ -961,12 +959,21 @@ ffi::Error ValueAdam(ffi::ThreadPool pool, F32R2 table_in, F32R2 mu_in, F32R2 nu
     });
     return ffi::Error::Success();
   }
+  // Every row once: listed rows get their gradient; the others decay (dense) or are copied where
+  // the output is not the input's buffer (lazy).
   ParallelFor(pool, m, 256, [&](int64_t r0, int64_t r1) {
     int64_t u = std::lower_bound(rw, rw + listed, static_cast<int32_t>(r0)) - rw;
     for (int64_t r = r0; r < r1; ++r) {
-      const float* gr = nullptr;
-      if (u < listed && rw[u] == r) gr = gi + (u++) * d;
       const int64_t o = r * d;
+      const float* gr = nullptr;
+      if (u < listed && rw[u] == r) {
+        gr = gi + (u++) * d;
+      } else if (lazy) {
+        if (to != ti) std::memcpy(to + o, ti + o, d * sizeof(float));
+        if (mo != mi) std::memcpy(mo + o, mi + o, d * sizeof(float));
+        if (no != ni) std::memcpy(no + o, ni + o, d * sizeof(float));
+        continue;
+      }
       AdamRow(gr, ti + o, mi + o, ni + o, to + o, mo + o, no + o, d, div, mul, b1, b2, bc1, bc2, eps, weight_decay,
               -lr);
     }
