@@ -20,7 +20,9 @@ for the same number of steps, and is scored by QA exact match on every fact of t
 
 Reported per model and seed: QA exact match, final training and validation loss, total and active
 parameters, forward FLOPs per token (the config's formulas), tokens/s (median of the logged
-intervals, one core per run when ``--jobs=2``), and wall time; and the FLOPs multiple of the dense
+intervals, one core per run when ``--jobs=2``), wall time, bits stored (``memjax.metrics.bits_stored``:
+sum over attributes of exact match x facts x log2(values)) and bits per parameter (total and per
+value-table parameter); and the FLOPs multiple of the dense
 model that Memory+ matches (``dense_equivalent``). Writes
 ``benchmarks/results/knowledge_<preset>.json`` and ``.png``; the workdirs stay under ``--root``
 (a finished run is not re-run, so an interrupted sweep resumes).
@@ -176,6 +178,28 @@ def dense_equivalent(summary: dict, name: str = "memory_plus") -> float | None:
   return None
 
 
+def bit_budget(preset: dict) -> tuple[dict, dict]:
+  """The knowledge base's facts and values per attribute (``attribute_bit_budget``) for bits stored."""
+  from memjax.data.knowledge import ATTRIBUTES, attribute_bit_budget
+  from memjax.data.qa import load_qa_items
+  kb = preset["base"].get("data.kb", "small")
+  if kb.startswith("world"):
+    from memjax.data.world_facts import WORLD_ATTRIBUTES as attributes
+  else:
+    attributes = ATTRIBUTES
+  return attribute_bit_budget(load_qa_items(None, kb, 0), attributes)
+
+
+def add_bits(row: dict, facts: dict, values: dict) -> dict:
+  """The row with ``bits_stored`` (``memjax.bits_stored`` of its per-attribute QA), ``bits_per_param``
+  and ``bits_per_value_param`` (over the value tables' parameters; None without a memory)."""
+  from memjax.metrics import bits_stored
+  bits = bits_stored(row["qa_by_attribute"], facts, values)["bits"] if row["qa_by_attribute"] else None
+  values_params = row.get("params_values") or 0
+  return {**row, "bits_stored": bits, "bits_per_param": bits / row["params_total"] if bits is not None else None,
+          "bits_per_value_param": bits / values_params if bits is not None and values_params else None}
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -244,6 +268,7 @@ def main(argv=None):
   runs.sort(key=lambda r: -_runs.model_figures(r.overrides, vocab)["flops_per_token"])
   print(f"{len(runs)} runs, {args.jobs} at a time, in {root}", flush=True)
   results = _runs.run_all(runs, root, jobs=args.jobs)
+  facts, values = bit_budget(preset)
   rows = []
   for run in runs:
     r = results[run.name]
@@ -256,9 +281,10 @@ def main(argv=None):
                                      if k.startswith("qa_exact_match/")},
                  "train_loss": r["train_loss_last"], "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"],
                  "overrides": run.overrides})
+  rows = [add_bits(r, facts, values) for r in rows]
   base_flops = next(r["flops_per_token"] for r in rows if r["variant"] == "dense_1x") if "dense_1x" in table else None
   print(f"\n{'model':>12} {'QA EM (seeds)':>16} {'val loss':>9} {'params':>9} {'active':>8} "
-        f"{'FLOPs/tok':>10} {'x dense':>7} {'tok/s':>7}")
+        f"{'FLOPs/tok':>10} {'x dense':>7} {'tok/s':>7} {'bits':>7} {'bits/param':>10}")
   summary = {}
   for name in table:
     rs = [r for r in rows if r["variant"] == name]
@@ -270,11 +296,14 @@ def main(argv=None):
          "flops_x_dense": rs[0]["flops_per_token"] / base_flops if base_flops else None,
          "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in rs])),
          "qa_by_attribute_mean": {a: float(np.mean([r["qa_by_attribute"][a] for r in rs]))
-                                  for a in rs[0]["qa_by_attribute"]}}
+                                  for a in rs[0]["qa_by_attribute"]},
+         **{key: (float(np.mean([r[key] for r in rs])) if rs[0][key] is not None else None)
+            for key in ("bits_stored", "bits_per_param", "bits_per_value_param")}}
     summary[name] = s
     print(f"{name:>12} {s['qa_mean']:>7.3f} ({' '.join(f'{q:.3f}' for q in qa)}) {s['val_loss_mean']:>9.3f} "
           f"{s['params_total'] / 1e6:>8.2f}M {s['params_active'] / 1e6:>7.2f}M {s['flops_per_token'] / 1e6:>9.2f}M "
-          f"{(s['flops_x_dense'] or float('nan')):>7.2f} {s['tokens_per_s_median']:>7,.0f}")
+          f"{(s['flops_x_dense'] or float('nan')):>7.2f} {s['tokens_per_s_median']:>7,.0f} "
+          f"{(s['bits_stored'] or float('nan')):>7,.0f} {(s['bits_per_param'] or float('nan')):>10.4f}")
   checks = {}
   if not preset["judge_targets"]:
     print("\ntargets: not judged (the smoke preset checks that everything runs; its models learn no facts)")
@@ -291,6 +320,9 @@ def main(argv=None):
   payload = {"command": "python benchmarks/knowledge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "machine": _runs.machine(), "preset": args.preset, "preset_config": preset, "seeds": seeds,
              "vocab_size": vocab, "qa_chance": chance, "wall_s_total": time.time() - t0,
+             "bits_formula": "bits = sum over attributes a of qa_exact_match_a * facts_a * log2(values_a) "
+                             "(memjax.metrics.bits_stored)", "facts_by_attribute": facts,
+             "values_by_attribute": values,
              "summary": summary, "targets": checks,
              "memory_plus_dense_equivalent_x": dense_equivalent(summary) if "memory_plus" in summary else None,
              "runs": rows}

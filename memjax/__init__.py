@@ -11,7 +11,7 @@ from memjax.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_
 from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, ValueTable, shared_memory_layers
 from memjax.memory.product_keys import product_key_topk, product_key_topk_reference
 from memjax.memory.read import MemoryReadout, memory_read, qk_normalize
-from memjax.metrics import USAGE_KEYS, memory_usage, slot_mass
+from memjax.metrics import USAGE_KEYS, bits_stored, memory_usage, slot_mass
 from memjax.peer import PEER, PEEROutput, peer_forward, peer_forward_reference
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ __all__ = [
     "load_exported",
     "memory_read",
     "memory_usage",
+    "bits_stored",
     "peer_forward",
     "peer_forward_reference",
     "product_key_topk",

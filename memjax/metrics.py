@@ -70,3 +70,36 @@ def memory_usage(indices, weights, num_slots: int) -> dict:
       "top90": _fewest_slots_for(cum_desc, 0.90),
       "top99": _fewest_slots_for(cum_desc, 0.99),
   }
+
+
+def bits_stored(exact_match_by_attribute, facts_by_attribute, values_by_attribute) -> dict:
+  """Bits of knowledge a model reproduces, in the sense of Allen-Zhu & Li ("Physics of Language
+  Models 3.3"), simple form: a fact of attribute ``a`` whose value is one of ``V_a`` equally likely
+  values carries ``log2(V_a)`` bits, credited when the fact is answered exactly:
+
+      bits = sum_a  exact_match_a * facts_a * log2(V_a)
+
+  ``exact_match_by_attribute``: {attribute: QA exact match in [0, 1]} (the fraction of that
+  attribute's facts answered; measured on a subset, it is extrapolated to ``facts_a``);
+  ``facts_by_attribute``: {attribute: facts in the knowledge base}; ``values_by_attribute``:
+  {attribute: V_a >= 1}. No credit is taken off for guessing: a model that always answers the most
+  common value of an attribute is credited for the facts it gets right (report chance beside it).
+  Returns ``{"bits": total, "by_attribute": {attribute: bits}}``.
+
+  Example:
+    >>> bits_stored({"city": 0.5}, {"city": 200}, {"city": 64})["bits"]
+    600.0
+  """
+  import math
+
+  by = {}
+  for name, em in exact_match_by_attribute.items():
+    if name not in facts_by_attribute or name not in values_by_attribute:
+      raise ValueError(f"attribute {name!r} needs facts_by_attribute and values_by_attribute entries "
+                       f"(have {sorted(facts_by_attribute)} and {sorted(values_by_attribute)})")
+    if not 0.0 <= em <= 1.0:
+      raise ValueError(f"exact_match_by_attribute[{name!r}]={em} must be in [0, 1]")
+    if values_by_attribute[name] < 1:
+      raise ValueError(f"values_by_attribute[{name!r}]={values_by_attribute[name]} must be >= 1")
+    by[name] = float(em) * facts_by_attribute[name] * math.log2(values_by_attribute[name])
+  return {"bits": float(sum(by.values())), "by_attribute": by}

@@ -1,6 +1,7 @@
 """The paper-claims benchmarks (benchmarks/knowledge.py, scaling.py): model matching and one real sweep."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,13 @@ def test_knowledge_sweep_end_to_end(tmp_path):
   assert payload["targets"] == {}  # smoke models learn nothing: no target is judged on them
   assert set(payload["runs"][0]["qa_by_attribute"]) == {"birth_date", "birth_city", "university", "employer",
                                                         "field", "instrument"}
+  # Bits stored: the formula over the row's own per-attribute QA, facts and values (smoke: 200 people).
+  assert payload["facts_by_attribute"] == {a: 200 for a in payload["runs"][0]["qa_by_attribute"]}
+  for r in payload["runs"]:
+    want = sum(em * 200 * math.log2(payload["values_by_attribute"][a]) for a, em in r["qa_by_attribute"].items())
+    assert r["bits_stored"] == pytest.approx(want)
+    assert r["bits_per_param"] == pytest.approx(want / r["params_total"])
+  assert payload["runs"][0]["bits_per_value_param"] is None or payload["runs"][0]["params_values"] > 0
   # A finished run is not re-run: the second call reuses both workdirs.
   again = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "knowledge.py"), "--preset=smoke",
                           "--steps=3", "--variants=dense_1x,memory_plus", f"--root={tmp_path / 'runs'}",

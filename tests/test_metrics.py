@@ -71,3 +71,30 @@ def test_bad_arguments():
     memory_usage(jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 2)), 4)
   with pytest.raises(ValueError, match="num_slots"):
     memory_usage(jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)), 0)
+
+
+def test_bits_stored_is_the_formula_and_the_synthetic_base_holds_about_8k_bits():
+  import math
+
+  from memjax.data.knowledge import ATTRIBUTES, attribute_bit_budget, make_entities, qa_pairs
+  from memjax.metrics import bits_stored
+
+  out = bits_stored({"a": 0.25, "b": 1.0}, {"a": 8, "b": 3}, {"a": 16, "b": 1})
+  assert out["by_attribute"] == {"a": 0.25 * 8 * 4.0, "b": 0.0} and out["bits"] == 8.0
+  facts, values = attribute_bit_budget(qa_pairs(make_entities(200, seed=0)))
+  assert facts == {a.name: 200 for a in ATTRIBUTES}
+  assert values == {a.name: len(a.values) for a in ATTRIBUTES}
+  full = bits_stored({a: 1.0 for a in facts}, facts, values)["bits"]
+  assert full == pytest.approx(200 * sum(math.log2(len(a.values)) for a in ATTRIBUTES))
+  assert 7_900 < full < 8_000  # the "about 8k bits" for 200 people x 6 attributes
+
+
+@pytest.mark.parametrize("args,match", [
+    (({"a": 1.5}, {"a": 1}, {"a": 2}), r"exact_match_by_attribute\['a'\]=1.5 must be in \[0, 1\]"),
+    (({"a": 0.5}, {}, {"a": 2}), "attribute 'a' needs"),
+    (({"a": 0.5}, {"a": 1}, {"a": 0}), r"values_by_attribute\['a'\]=0 must be >= 1"),
+])
+def test_bits_stored_refuses_bad_input(args, match):
+  from memjax.metrics import bits_stored
+  with pytest.raises(ValueError, match=match):
+    bits_stored(*args)

@@ -283,6 +283,29 @@ def qa_pairs(entities: Sequence[Entity], attributes: Sequence[Attribute] = ATTRI
   ]
 
 
+def attribute_bit_budget(items, attributes: Sequence[Attribute] = ATTRIBUTES) -> tuple[dict, dict]:
+  """``(facts_by_attribute, values_by_attribute)`` of a knowledge base's QA items (dicts or ``QAItem``s
+  with ``attribute`` and ``answer``), for ``memjax.metrics.bits_stored``: the number of facts of each
+  attribute, and the number of values it can take: the attribute's value list where it has one
+  (the synthetic base: birth dates 21,840 = 14.4 bits, cities 57, ...), else the distinct answers
+  that occur (real-world facts, whose values are not drawn from a list).
+
+  Example:
+    >>> facts, values = attribute_bit_budget(qa_pairs(make_entities(3, seed=0)))
+    >>> facts["birth_city"], values["birth_city"] == len(_CITIES)
+    (3, True)
+  """
+  get = lambda it, key: it[key] if isinstance(it, dict) else getattr(it, key)
+  lists = {a.name: a.values for a in attributes}
+  facts, answers = {}, {}
+  for it in items:
+    name = get(it, "attribute")
+    facts[name] = facts.get(name, 0) + 1
+    answers.setdefault(name, set()).add(get(it, "answer"))
+  values = {name: len(lists[name]) if lists.get(name) else len(answers[name]) for name in facts}
+  return facts, values
+
+
 def question_half(entity_index: int) -> str:
   """Which half of the people a person's question-form QA pairs belong to: ``"train"`` (even index:
   mixed into the training text with ``data.kb_questions``) or ``"eval"`` (odd: scored only)."""
