@@ -170,21 +170,25 @@ def update_runners(cfg) -> dict:
   table, mu, nu = (jnp.asarray(r.standard_normal((m, dv)), jnp.float32) for _ in range(3))
   nu = jnp.abs(nu)
 
-  def update(lazy):
-    def fn(table, mu, nu, idx, w, dy):
-      rows, g, sq = cpu.value_row_sums(idx, w, dy, m)
+  def update(lazy):  # as in the step: the table and moments donated, in place where the step does so
+    def fn(state, idx, w, dy):
+      table, mu, nu = state
+      rows, g, _ = cpu.value_row_sums(idx, w, dy, m)
       return cpu.value_adam(table, mu, nu, rows, g, lr=1e-3, div=1.0, mul=1.0, bc1=0.1, bc2=0.05, b1=0.9, b2=0.95,
-                            eps=1e-8, weight_decay=0.0, lazy=lazy), sq
-    return jax.jit(fn)
+                            eps=1e-8, weight_decay=0.0, lazy=lazy, table_in_place=lazy and idx.size < m)
+    f = jax.jit(fn, donate_argnums=0)
+    box = [f(tuple(jnp.array(x, copy=True) for x in (table, mu, nu)), idx, w, dy)]
+    jax.block_until_ready(box[0])
 
-  fns = {"row sums": jax.jit(lambda idx, w, dy: cpu.value_row_sums(idx, w, dy, m)),
-         "dense update": update(False), "lazy update": update(True)}
-  runners = {}
-  for name, f in fns.items():
-    args = (idx, w, dy) if name == "row sums" else (table, mu, nu, idx, w, dy)
-    jax.block_until_ready(f(*args))
-    runners[name] = lambda f=f, args=args: jax.block_until_ready(f(*args))
-  return runners
+    def run():
+      box[0] = f(box[0], idx, w, dy)
+      jax.block_until_ready(box[0])
+    return run
+
+  sums = jax.jit(lambda idx, w, dy: cpu.value_row_sums(idx, w, dy, m))
+  jax.block_until_ready(sums(idx, w, dy))
+  return {"row sums": lambda: jax.block_until_ready(sums(idx, w, dy)), "dense update": update(False),
+          "lazy update": update(True)}
 
 
 def main(argv=None):

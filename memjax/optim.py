@@ -194,7 +194,7 @@ def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamS
   if specs is None and fused and backend == "auto" and fused_update_available(table):
     # Lowered for CPU: the fused kernels (one pass over the lookups, one over the table); elsewhere
     # the XLA formulation below. Both compute the same update (tests/test_fused_update.py).
-    def fused(table, mu, nu, count, idx, wts, dys, lr):
+    def on_cpu(table, mu, nu, count, idx, wts, dys, lr):
       rows, g, sq = cpu.value_row_sums(idx, wts, dys, table.shape[0])
       norm = jnp.sqrt(sq)
       scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30)) if clip > 0 else jnp.ones(())
@@ -207,13 +207,13 @@ def sparse_value_update(specs: SparseUpdateSpecs | None, table, opt: SparseAdamS
                                      **adam)
       return table, mu, nu, t, sq
 
-    def plain(table, mu, nu, count, idx, wts, dys, lr):
+    def elsewhere(table, mu, nu, count, idx, wts, dys, lr):
       table, new, sq = _one_device_sparse_update(table, SparseAdamState(mu, nu, count), idx, wts, dys, lr,
                                                  clip=clip, backend=backend, **adam)
       return table, new.mu, new.nu, new.count, sq
 
     table, mu, nu, count, sq = jax.lax.platform_dependent(table, opt.mu, opt.nu, opt.count, idx, wts, dys, lr,
-                                                          cpu=fused, default=plain)
+                                                          cpu=on_cpu, default=elsewhere)
     return table, SparseAdamState(mu, nu, count), sq
   if specs is None:
     return _one_device_sparse_update(table, opt, idx, wts, dys, lr, clip=clip, backend=backend, **adam)

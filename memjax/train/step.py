@@ -240,9 +240,9 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
 
   def fused_dense(values) -> bool:
     """The dense update runs the fused CPU kernels where lowered for CPU: every table fp32, the
-    kernels built, the bag backend "auto", one device (no mesh of several: the kernels are opaque
-    to GSPMD) and ``train.fused_value_update`` on."""
-    if sparse or backend != "auto" or not train_cfg.fused_value_update or not pools:
+    kernels built, one device (no mesh of several: the kernels are opaque to GSPMD) and
+    ``train.fused_value_update`` on (the sparse update decides the same in ``sparse_value_update``)."""
+    if sparse or not train_cfg.fused_value_update or not pools:
       return False
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
