@@ -33,17 +33,16 @@ def _row_sums_reference(idx, w, dy, m):
   rows = dy.reshape(-1, d)
   per = flat_idx.size // rows.shape[0]
   g = np.zeros((m, d), np.float32)
-  counts = np.zeros(m, np.int32)
-  for p, (i, a) in enumerate(zip(flat_idx, flat_w)):
-    g[i] = g[i] + np.float32(a) * rows[p // per]
-    counts[i] += 1
-  return g, counts
+  np.add.at(g, flat_idx, flat_w[:, None] * rows[np.arange(flat_idx.size) // per])  # in index order
+  return g, np.bincount(flat_idx, minlength=m)
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [40, 1000])  # 1000: more than 8 rows per lookup, the radix sort; N < M
-def test_row_sums_equal_sums_in_lookup_order(m):
-  idx, w, dy = _lookups(0, m=m)
+@pytest.mark.parametrize("m,b", [(40, 3), (5000, 3), (4096, 1200)])
+def test_row_sums_equal_sums_in_lookup_order(m, b):
+  """Counting sort (m=40), radix sort (5,000 rows > 4 x 1,024), counting sort in 2 chunks of
+  lookups (72k lookups), each against numpy's in-order sums."""
+  idx, w, dy = _lookups(0, m=m, b=b)
   rows, g, sq = jax.jit(lambda i, a, y: cpu.value_row_sums(i, a, y, m))(idx, w, dy)
   g_ref, counts = _row_sums_reference(idx, w, dy, m)
   read = np.flatnonzero(counts)

@@ -19,9 +19,10 @@
 // Ahead(row bytes) lookups in advance, and each output block is stored once.
 //
 // The value gradient is atomic-free and deterministic: the lookups are sorted by row stably (a
-// counting sort, or an LSD radix sort for huge tables), then each row sums its own run of lookups in lookup order; every output element
-// is written by exactly one thread. Indices are clamped to [0, M) so that a bad index reads a valid
-// row instead of faulting (the op's contract leaves out-of-range indices undefined).
+// counting sort, or an LSD radix sort for tables much larger than the lookups), then each row sums
+// its own run of lookups in lookup order; every output element is written by exactly one thread.
+// Indices are clamped to [0, M) so that a bad index reads a valid row instead of faulting (the op's
+// contract leaves out-of-range indices undefined).
 // Work is split over XLA's intra-op thread pool; the calling thread takes chunks too, so a call
 // completes even when no pool thread is free.
 
@@ -260,7 +261,7 @@ struct RunSets {
 };
 
 // The lookups sorted by (clamped) row, stably (keys row << 32 | lookup, ascending), and where each
-// run of one row starts (then n). While the table has at most 8 rows per lookup: a counting sort,
+// run of one row starts (then n). While the table has at most 4 rows per lookup: a counting sort,
 // split over the pool in fixed chunks of lookups (a histogram per chunk, one prefix over (row,
 // chunk), each chunk scattering its own lookups: stable, and the same result on any thread count);
 // else a stable LSD radix sort on 11-bit digits of the row (two or more passes).
@@ -273,8 +274,9 @@ RowRuns SortByRow(ffi::ThreadPool& pool, const int32_t* idx, int64_t n, int64_t 
   RowRuns out;
   std::vector<uint64_t>& a = out.sorted;
   a.resize(n);
-  if (m <= 8 * std::max<int64_t>(n, 1024)) {
-    const int64_t chunks = std::clamp<int64_t>(n / 32768, 1, 8);
+  if (m <= 4 * std::max<int64_t>(n, 1024)) {
+    // Chunks of >= 32k lookups, at most 8, and histograms of at most 2n entries in all.
+    const int64_t chunks = std::clamp<int64_t>(std::min<int64_t>(n / 32768, 2 * n / m), 1, 8);
     std::vector<int32_t> hist(chunks * m, 0);  // [chunk][row]: counts, then write offsets
     const auto bounds = [&](int64_t c) { return std::pair<int64_t, int64_t>(c * n / chunks, (c + 1) * n / chunks); };
     ParallelFor(pool, chunks, 1, [&](int64_t c0, int64_t c1) {

@@ -13,6 +13,8 @@ slots inside it. So: two top-k over n, k^2 candidate sums, one top-k over k^2.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,7 +161,7 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
     return fn
 
   def dense(query, keys):
-    return _token_major(_dense_score_grad(*subkey_scores_head_major(query, keys), *selected), lead)
+    return _token_major(_dense_score_grad(n, *subkey_scores_head_major(query, keys), *selected), lead)
 
   if backend == "xla":
     return recomputed(_selected_scores)(query, keys), indices
@@ -171,20 +173,21 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
   return scores, indices
 
 
-@jax.custom_vjp
-def _dense_score_grad(s1_HxNxn, s2_HxNxn, scores_HxNxk, i_HxNxk, j_HxNxk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_score_grad(n: int, s1_HxNxn, s2_HxNxn, scores_HxNxk, i_HxNxk, j_HxNxk):
   """``scores`` (the selection's exact sums, no further work), differentiable as the entries
   ``s1[i] + s2[j]`` of the dense sub-key scores: the cotangent is scattered into them."""
-  del s1_HxNxn, s2_HxNxn, i_HxNxk, j_HxNxk
+  del n, s1_HxNxn, s2_HxNxn, i_HxNxk, j_HxNxk
   return scores_HxNxk
 
 
-def _dense_score_grad_fwd(s1, s2, scores, i, j):
-  return scores, (i, j, s1.shape[-1])
+def _dense_score_grad_fwd(n, s1, s2, scores, i, j):
+  del n, s1, s2
+  return scores, (i, j)
 
 
-def _dense_score_grad_bwd(res, d_scores_HxNxk):
-  i, j, n = res
+def _dense_score_grad_bwd(n, res, d_scores_HxNxk):
+  i, j = res
   zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
   # The transpose of take_along_axis, [H, N, k] -> [H, N, n] (the C++ kernel on CPU).
   return (cpu.scatter_rows(i, d_scores_HxNxk, n), cpu.scatter_rows(j, d_scores_HxNxk, n),
