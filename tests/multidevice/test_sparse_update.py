@@ -21,14 +21,17 @@ from memjax.scale import comms
 from memjax.train.step import compile_train_step
 
 LOOKUPS, DV, MEMORY = 16 * 64 * 4 * 8, 128, 4
+# "one" is the 1-device step with XLA's update (the formulation the sharded steps split);
+# "one_fused" the 1-device step as it runs by default on CPU (train.fused_value_update).
 LAYOUTS = {"one": (256, dict(data=1, fsdp=1, memory=1), 1),
+           "one_fused": (256, dict(data=1, fsdp=1, memory=1), 1),
            "data8": (256, dict(data=8, fsdp=1, memory=1), None),
            "col_d2m4": (256, dict(data=2, fsdp=1, memory=4), None),
            "data8_small_table": (32, dict(data=8, fsdp=1, memory=1), None)}
 
 
-def _cfg(n_keys):
-  c = tiny_raw()
+def _cfg(n_keys, fused=False):
+  c = tiny_raw(fused_value_update=fused)
   c.model.memory.n_keys, c.model.memory.heads, c.model.memory.k, c.model.memory.value_dim = n_keys, 4, 8, 128
   c.model.memory.value_update, c.model.memory.value_sharding = "sparse", "column"
   c.train.batch_size, c.train.seq_len = 16, 64
@@ -39,7 +42,7 @@ def _cfg(n_keys):
 def compiled():
   out = {}
   for name, (n_keys, sizes, devices) in LAYOUTS.items():
-    cfg = _cfg(n_keys)
+    cfg = _cfg(n_keys, fused=name == "one_fused")
     exe, _ = compile_train_step(cfg.model, cfg.train, sizes, devices=jax.devices()[:devices] if devices else None,
                                 update_chunk_rows=4096)
     out[name] = {"temp": exe.memory_analysis().temp_size_in_bytes, "hlo": exe.as_text(),
@@ -51,6 +54,10 @@ def compiled():
 def test_one_device_step_holds_global_full_width_row_gradients(compiled):
   # The reference point: without a mesh the row gradients span every lookup at full width.
   assert f"f32[{LOOKUPS},{DV}]" in compiled["one"]["hlo"]
+  # The fused CPU update keeps one such buffer (the row sums), not XLA's several (kernel, clip, rows).
+  assert "memjax_value_adam" in compiled["one_fused"]["hlo"] and "memjax_value_adam" not in compiled["one"]["hlo"]
+  assert compiled["one_fused"]["temp"] < 0.5 * compiled["one"]["temp"], (compiled["one_fused"]["temp"],
+                                                                          compiled["one"]["temp"])
 
 
 @pytest.mark.parametrize("mesh", ["data8", "col_d2m4", "data8_small_table"])
