@@ -20,3 +20,14 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 collect_ignore = [] if os.environ.get("MEMJAX_MULTIDEVICE") else ["multidevice"]
+
+# Files by their time on a 2-core machine, longest first (`--durations`, serial run, this stop):
+# under `-n 2 --dist loadfile` a worker takes the next file when it finishes one, so starting the
+# long ones first keeps a long file from running alone at the end.
+LONGEST_FIRST = ("test_compile.py", "test_multidevice.py", "test_multiprocess_resume.py", "test_benchmarks.py",
+                 "test_notebooks.py", "test_optim.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+  items.sort(key=rank)  # stable: the order within a file and among the other files is kept

@@ -45,7 +45,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
   readme = (REPO / "README.md").read_text()
   block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
-  assert block == ['pip install -e . && python train.py', 'pip install -e ".[dev]" && python -m pytest -q tests']
+  assert block == ['pip install -e . && python train.py', 'pip install -e ".[dev]" && python -m pytest -q -n 2 tests']
   assert block[1] in (REPO / ".ci" / "run").read_text()
 
 
