@@ -1,8 +1,11 @@
-"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, PEER, Memory and Memory+ on the synthetic knowledge base.
+"""Knowledge per FLOP: dense 1x/2x/4x/8x, MoE, PEER, Memory and Memory+ on a knowledge base (synthetic or real-world).
 
   python benchmarks/knowledge.py --preset=smoke          # <= 5 min on 2 cores, one seed: does it all work
   python benchmarks/knowledge.py --preset=full           # two seeds: the figures (<= 60 min on an idle 2-core machine)
   python benchmarks/knowledge.py --preset=full --seeds=0 --variants=dense_1x,memory_plus
+  python benchmarks/knowledge.py --preset=capacity       # width-32 base, 1000 steps, question form, QA curves,
+                                                         # the plateau check (long_dense_1x); ~25 min a seed
+  python benchmarks/knowledge.py --preset=world          # the same on real-world facts (world_countries)
 
 Every model trains with ``train.py`` on the same tokens (same data seed and order for a given seed),
 for the same number of steps, and is scored by QA exact match on every fact of the knowledge base
@@ -23,8 +26,13 @@ parameters, forward FLOPs per token (the config's formulas), tokens/s (median of
 intervals, one core per run when ``--jobs=2``), wall time, bits stored (``memjax.metrics.bits_stored``:
 sum over attributes of exact match x facts x log2(values)) and bits per parameter (total and per
 value-table parameter); and the FLOPs multiple of the dense
-model that Memory+ matches (``dense_equivalent``). Writes
-``benchmarks/results/knowledge_<preset>.json`` and ``.png``; the workdirs stay under ``--root``
+model that Memory+ matches (``dense_equivalent``). Presets with ``eval_points`` also record each
+run's QA curve against training seconds (``qa_curve``: steady-state step time from the logged
+tokens/s, compiles and evaluations excluded), each run's QA at the training time of the same seed's
+dense 1x run (``qa_at_dense_1x_time``: QA at equal CPU time) and the question-form QA
+(``qa_question_exact_match``, with ``data.kb_questions``); with ``capacity_check``, the dense 1x
+model at twice the steps (``long_dense_1x``) and the plateau check (``capacity_check``). Writes
+``benchmarks/results/knowledge_<preset>.json``, ``.png`` and (with curves) ``_time.png``; the workdirs stay under ``--root``
 (a finished run is not re-run, so an interrupted sweep resumes).
 """
 
