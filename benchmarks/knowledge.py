@@ -227,16 +227,20 @@ def qa_curve(result: dict, overrides: dict, vocab: int) -> list[dict]:
   return curve
 
 
-def qa_at_seconds(curve: list[dict], seconds: float) -> float:
-  """QA exact match after ``seconds`` of training, interpolated on the run's curve (its final QA if
-  the run finished training sooner).
+def qa_at_seconds(curve: list[dict], seconds: float, key: str = "qa") -> float | None:
+  """QA exact match (``key``: "qa" verbatim, "qa_question" question form) after ``seconds`` of
+  training, interpolated on the run's curve (its final QA if the run finished training sooner);
+  None when the run did not score ``key``.
 
   Example:
     >>> qa_at_seconds([{"train_s": 0.0, "qa": 0.0}, {"train_s": 10.0, "qa": 0.4}, {"train_s": 20.0, "qa": 0.6}], 5.0)
     0.2
   """
-  got = _runs.value_at([c["train_s"] for c in curve], [c["qa"] for c in curve], seconds)
-  return curve[-1]["qa"] if got is None else got
+  points = [c for c in curve if c.get(key) is not None]
+  if len(points) < 2:
+    return None
+  got = _runs.value_at([c["train_s"] for c in points], [c[key] for c in points], seconds)
+  return points[-1][key] if got is None else got
 
 
 def capacity_check(summary: dict) -> dict | None:
@@ -407,8 +411,10 @@ def main(argv=None):
   budget = {r["seed"]: r["curve"][-1]["train_s"] for r in rows if r["variant"] == "dense_1x"}
   for r in rows:
     r["qa_at_dense_1x_time"] = qa_at_seconds(r["curve"], budget[r["seed"]]) if r["seed"] in budget else None
+    r["qa_question_at_dense_1x_time"] = (qa_at_seconds(r["curve"], budget[r["seed"]], "qa_question")
+                                         if r["seed"] in budget else None)
   base_flops = next(r["flops_per_token"] for r in rows if r["variant"] == "dense_1x") if "dense_1x" in table else None
-  print(f"\n{'model':>13} {'QA EM (seeds)':>16} {'QA question':>11} {'QA @1x time':>11} {'val loss':>9} "
+  print(f"\n{'model':>13} {'QA EM (seeds)':>16} {'QA question':>11} {'QA @1x time':>11} {'QA q @1x':>9} {'val loss':>9} "
         f"{'params':>9} {'active':>8} {'FLOPs/tok':>10} {'x dense':>7} {'tok/s':>7} {'bits':>7} {'bits/param':>10}")
   summary = {}
   for name in table:
@@ -422,8 +428,8 @@ def main(argv=None):
          "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in rs])),
          "qa_question_mean": (float(np.mean([r["qa_question_exact_match"] for r in rs]))
                               if rs[0]["qa_question_exact_match"] is not None else None),
-         "qa_at_dense_1x_time_mean": (float(np.mean([r["qa_at_dense_1x_time"] for r in rs]))
-                                      if rs[0]["qa_at_dense_1x_time"] is not None else None),
+         **{f"{key}_mean": (float(np.mean([r[key] for r in rs])) if rs[0][key] is not None else None)
+            for key in ("qa_at_dense_1x_time", "qa_question_at_dense_1x_time")},
          "train_s_mean": float(np.mean([r["curve"][-1]["train_s"] for r in rs])),
          "qa_by_attribute_mean": {a: float(np.mean([r["qa_by_attribute"][a] for r in rs]))
                                   for a in rs[0]["qa_by_attribute"]},
@@ -434,6 +440,7 @@ def main(argv=None):
     print(f"{name:>13} {s['qa_mean']:>7.3f} ({' '.join(f'{q:.3f}' for q in qa)}) "
           f"{(s['qa_question_mean'] if s['qa_question_mean'] is not None else nan):>11.3f} "
           f"{(s['qa_at_dense_1x_time_mean'] if s['qa_at_dense_1x_time_mean'] is not None else nan):>11.3f} "
+          f"{(s['qa_question_at_dense_1x_time_mean'] if s['qa_question_at_dense_1x_time_mean'] is not None else nan):>9.3f} "
           f"{s['val_loss_mean']:>9.3f} "
           f"{s['params_total'] / 1e6:>8.2f}M {s['params_active'] / 1e6:>7.2f}M {s['flops_per_token'] / 1e6:>9.2f}M "
           f"{(s['flops_x_dense'] or float('nan')):>7.2f} {s['tokens_per_s_median']:>7,.0f} "
@@ -470,7 +477,7 @@ def main(argv=None):
                              "(memjax.metrics.bits_stored)", "facts_by_attribute": facts,
              "values_by_attribute": values,
              "summary": summary, "targets": checks, "capacity_check": capacity,
-             "equal_time_note": "qa_at_dense_1x_time: each run's QA interpolated on its evaluation curve at the "
+             "equal_time_note": "qa_at_dense_1x_time (qa_question_at_dense_1x_time): each run's QA (question form) interpolated on its evaluation curve at the "
                                 "training seconds (steady-state step time, one core) of the same seed's dense 1x run",
              "memory_plus_dense_equivalent_x": dense_equivalent(summary) if "memory_plus" in summary else None,
              "runs": rows}

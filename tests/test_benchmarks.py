@@ -79,6 +79,10 @@ def test_training_seconds_and_qa_at_equal_time():
   assert knowledge.qa_at_seconds(curve, 27.5) == pytest.approx(0.4)  # halfway between 20 s and 35 s
   assert knowledge.qa_at_seconds(curve, 10.0) == pytest.approx(0.1)
   assert knowledge.qa_at_seconds(curve, 1000.0) == 0.6  # finished sooner: its final QA
+  # The question form, on the evaluations that scored it (the last did not: its latest is 0.1).
+  assert knowledge.qa_at_seconds(curve, 10.0, "qa_question") == pytest.approx(0.05)
+  assert knowledge.qa_at_seconds(curve, 27.5, "qa_question") == pytest.approx(0.1)
+  assert knowledge.qa_at_seconds(curve[:1] + [{**c, "qa_question": None} for c in curve[1:]], 5.0, "qa_question") is None
 
 
 def test_capacity_check_needs_a_plateau_that_learnt_something():
