@@ -86,11 +86,13 @@ def test_training_seconds_and_qa_at_equal_time():
 
 
 def test_capacity_check_needs_a_plateau_that_learnt_something():
-  check = lambda qa, qa_long: knowledge.capacity_check({"dense_1x": {"qa_mean": qa}, "long_dense_1x": {"qa_mean": qa_long}})
+  check = lambda qa, qa_long, chance=0.06: knowledge.capacity_check(
+      {"dense_1x": {"qa_mean": qa}, "long_dense_1x": {"qa_mean": qa_long}}, chance)
   assert check(0.30, 0.315)["bound"] and check(0.30, 0.315)["rise"] == pytest.approx(0.015)
   assert not check(0.30, 0.33)["bound"]   # still rising
   assert not check(0.85, 0.86)["bound"]   # near 100%: saturated, not parameter-bound
   assert not check(0.01, 0.01)["bound"]   # learnt nothing
+  assert not check(0.15, 0.16, chance=0.16)["bound"]  # guesses the most common values: learnt no facts
   assert knowledge.capacity_check({"dense_1x": {"qa_mean": 0.3}}) is None
 
 
