@@ -363,7 +363,6 @@ def plot_time(rows: list[dict], path: str, title: str) -> None:
             color=f"C{i % 10}")
     if r["variant"] == "dense_1x":
       ax.axvline(xs[-1], color="gray", lw=0.8, ls=":")
-  ax.set_xscale("symlog", linthresh=10)
   ax.set_xlabel("training seconds (steady-state steps, one core)")
   ax.set_ylabel("QA exact match")
   ax.set_title(title, fontsize=10)
