@@ -132,6 +132,8 @@ def test_bad_names_are_rejected_naming_the_field(tmp_path):
     nf.number_builder_config("numbers_small", seed=-1)
   with pytest.raises(DataError, match="num_entities=0"):
     nf.number_entities(0, 0)
+  with pytest.raises(DataError, match=r"attribute='birth_city' is not a numeric attribute; allowed: \['badge'"):
+    nf.number_entities(1, 0)[0].fact("birth_city")
   with pytest.raises(DataError, match=r"kb='numbers' .*allowed: \[.*'numbers_tiny'"):
     kb.kb_attributes("numbers")
   assert isinstance(kb.prepare_kb(tmp_path, "numbers_tiny"), nf.MemjaxNumberFacts)
