@@ -100,20 +100,22 @@ def read_log(workdir: str) -> dict:
 
 def training_seconds(rates: list[tuple[int, float]], tokens_per_step: int) -> list[tuple[int, float]]:
   """``[(step, seconds of training up to that step)]`` from the logged ``(step, tokens_per_s)`` of each
-  interval: the sum of each interval's tokens over its rate. The first interval (which includes the
-  compilation) is priced at the median rate of the others, so the figure is steady-state step time,
+  interval: the sum of each interval's tokens over its rate. An interval slower than half the median
+  rate had something else in it (the first one the compilation, the one after an evaluation the
+  evaluation's tail) and is priced at the median rate, so the figure is steady-state step time
   without compiles or evaluations.
 
   Example:
-    >>> training_seconds([(10, 1.0), (20, 100.0), (30, 50.0)], tokens_per_step=10)
-    [(10, 1.3333333333333333), (20, 2.333333333333333), (30, 4.333333333333333)]
+    >>> training_seconds([(10, 1.0), (20, 100.0), (30, 50.0), (40, 20.0)], tokens_per_step=10)
+    [(10, 2.0), (20, 3.0), (30, 5.0), (40, 7.0)]
   """
   if not rates:
     return []
   steady = float(np.median([r for _, r in rates[1:]])) if len(rates) > 1 else rates[0][1]
   out, total, prev = [], 0.0, 0
   for i, (step, rate) in enumerate(rates):
-    total += (step - prev) * tokens_per_step / (steady if i == 0 else rate)
+    clean = steady if i == 0 or rate < 0.5 * steady else rate
+    total += (step - prev) * tokens_per_step / clean
     out.append((step, total))
     prev = step
   return out

@@ -69,6 +69,9 @@ def test_training_seconds_and_qa_at_equal_time():
   # 100 tokens a step; the first interval (compilation) is priced at the median of the others (100/s).
   secs = _runs.training_seconds([(10, 5.0), (20, 100.0), (30, 200.0), (40, 100.0)], tokens_per_step=100)
   assert secs == [(10, 10.0), (20, 20.0), (30, 25.0), (40, 35.0)]
+  # An interval under half the median had an evaluation in it: priced at the median too (steps 50-60).
+  secs = _runs.training_seconds([(10, 5.0), (20, 100.0), (30, 200.0), (40, 100.0), (50, 100.0), (60, 30.0)], 100)
+  assert secs[-1] == (60, 55.0)
   result = {"rates": [(10, 5.0), (20, 100.0), (30, 200.0), (40, 100.0)],
             "evals": [{"step": 20, "qa_exact_match": 0.2, "qa_question_exact_match": 0.1},
                       {"step": 40, "val_loss": 1.0},  # no QA in this record: not a point of the curve
