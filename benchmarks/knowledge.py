@@ -84,7 +84,7 @@ PRESETS = {
         "value_update": "dense",
         "judge_targets": True,
     },
-    # The capacity-bound attempt (issue 21): a 4x narrower dense base (width 32) trained 1.7x longer on
+    # The capacity-bound attempt (issue 21): a narrower dense base (width 32, not 64) trained 1.7x longer on
     # the same people with the question form mixed in; QA measured at 4 points of every run (QA at
     # equal CPU time) and the dense 1x model also at twice the steps (the plateau check).
     "capacity": {
