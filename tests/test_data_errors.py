@@ -89,7 +89,7 @@ def test_missing_or_empty_qa_file(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(kb="huge"), r"DataConfig.kb='huge' is not a knowledge-base size; allowed: \['tiny', 'small', 'medium', 'large', 'world_countries', 'world_small', 'world_medium', 'world_large'\]"),
+    (dict(kb="huge"), r"DataConfig.kb='huge' is not a knowledge-base size; allowed: \['tiny', 'small', 'medium', 'large', 'world_countries', 'world_small', 'world_medium', 'world_large', 'numbers_tiny', 'numbers_small', 'numbers_medium', 'numbers_large'\]"),
     (dict(tokenizer="wordpiece"), r"DataConfig.tokenizer='wordpiece' is not supported; allowed: \['byte', 'bpe', 'sentencepiece:PATH', 'hf:PATH'\]"),
     (dict(bpe_vocab_size=100), r"DataConfig.bpe_vocab_size=100 must be an int >= 320"),
     (dict(bpe_vocab_size=512.0), r"DataConfig.bpe_vocab_size=512.0"),
