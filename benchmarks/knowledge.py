@@ -119,24 +119,11 @@ PRESETS = {
         "value_update": "dense",
         "judge_targets": True,
     },
-    # The capacity preset's width-32 models on the same facts (seed 0: every 1x-FLOPs model but
-    # Memory+ stays at the most-common-value chance, docs/results.md).
-    "world_narrow": {
-        "steps": 1000,
-        "seeds": (0, 1),
-        "eval_points": 4,
-        "capacity_check": True,
-        "base": {"model.dim": 32, "model.mlp_dim": 128, "model.num_heads": 1, "model.num_layers": 4,
-                 "data.kb": "world_countries", "data.kb_questions": True, "data.tokenizer": "bpe",
-                 "eval.qa_max_items": 1600},
-        "memory": {"model.memory.n_keys": 256, "model.memory.value_dim": 32, "model.memory.k": 16,
-                   "model.memory.heads": 4, "model.memory.key_dim": 32},
-        "knowledge_layer": {"model.memory.heads": 1, "model.memory.key_dim": 32, "model.memory.k": 32},
-        "multiples": (1, 2, 4, 8),
-        "value_update": "dense",
-        "judge_targets": True,
-    },
 }
+# The capacity preset's width-32 models on the world facts (seed 0: every 1x-FLOPs model but Memory+
+# stays at the most-common-value chance, docs/results.md).
+PRESETS["world_narrow"] = {**PRESETS["capacity"], "base": {
+    **PRESETS["capacity"]["base"], "data.kb": "world_countries", "eval.qa_max_items": 1600}}
 HEAD_DIM = 32
 COMMON = {"train.eval_every": 0, "train.checkpoint_every": 0, "train.log_every": 10,
           "model.memory.value_update": "sparse", "model.memory.qk_norm": True, "model.head_dim": HEAD_DIM}
