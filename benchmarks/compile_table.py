@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,11 +92,28 @@ def _run_platform(platform: str, configs, targets, out_path: str) -> None:
         row["plan_error"] = row["plan_total_bytes"] / r["total_bytes_per_device"] - 1
       except Exception as e:  # noqa: BLE001 - e.g. out of HBM: the table says so
         row["error"] = " ".join(str(e).split())[:300]
+        temp = oom_temp_bytes(str(e))
+        if temp is not None:  # the TPU compiler names what the temporaries need: compare the plan's
+          row["compiler_temp_bytes_needed"] = temp
+          row["plan_temp_error"] = p["temp_bytes"] / temp - 1
       rows.append(row)
       print(json.dumps({k: row.get(k) for k in ("config", "target", "mesh", "overrides", "fits", "plan_error",
                                                  "compile_seconds", "error")}), flush=True)
       with open(out_path, "w") as f:
         json.dump(rows, f, indent=1)
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def oom_temp_bytes(message: str) -> int | None:
+  """Bytes of HLO temporaries an out-of-HBM compile error names, or None.
+
+  >>> oom_temp_bytes("... the total memory required for HLO temporaries (21.77G) exceeds available HBM (15.75G).")
+  23375359508
+  """
+  m = re.search(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\)", message)
+  return None if m is None else int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def _aot_python(platform: str) -> str:

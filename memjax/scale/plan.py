@@ -19,8 +19,10 @@ Per device (fp32 unless the config says otherwise):
                            gradient per memory layer, each reader's own scatter into zeros);
                  update:   2 x (parameter gradients + dense per-layer value gradients) when the
                            batch is split (the gradients and their all-reduced copies), 1 x if not;
-                           sparse: the merged row gradients [S, Dv_local] and their psum, S =
-                           min(global lookups, table rows on the device + 1) per table; without
+                           sparse: the local row gradients [lookups, Dv_local] (one row per
+                           lookup, the kernel's output), the merged row gradients [S, Dv_local]
+                           and their psum, S = min(global lookups, table rows on the device + 1)
+                           per table; without
                            batch shards the 1-device step's ~5 [lookups, Dv] buffers.
                (``gradients_bytes`` is the update phase; ``temp_bytes`` the larger one.)
                Checked against XLA's ``memory_analysis`` by ``benchmarks/plan_check.py``.
@@ -229,6 +231,7 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict, *, compile
   #             memory layer (each reader's gradient is its own scatter into zeros until they are summed)
   #   update    every gradient and its all-reduced copy (one tuple all-reduce over the batch axes when
   #             they split the batch), 2 x (parameter gradients + per-layer value gradients); sparse:
+  #             the local row gradients [lookups, dv] (the whole batch's lookups under microbatches),
   #             the merged row gradients [S, dv] and their psum (S = min(global lookups, rows + 1)
   #             distinct rows), Adam running over chunks of them in memory freed by the kernel.
   #             Without batch shards the sparse step is the 1-device one: the row-gradient kernel and
@@ -238,9 +241,12 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict, *, compile
     backward = act_bytes + p_bytes
     if batch_shards > 1:
       merged_rows = min(global_lookups // tables, rows + 1) * tables
-      update = copies * (p_bytes + 4 * merged_rows * dv)
-      if compiler == "tpu":  # measured: the local row gradients [lookups, dv], the merged rows and their psum
-        update = 4 * dv * (lookups + 2 * merged_rows)
+      # The row-gradient kernel returns one row per local lookup, [lookups, dv], before the merge into
+      # the [S, dv] buffer and its psum: measured on TPU and on H100 (the 1.3B at 32 microbatches
+      # (whole-batch lookups): 192 GiB of local row gradients; compiler 203 GiB of temporaries).
+      update = 4 * dv * (lookups + 2 * merged_rows)
+      if compiler != "tpu":  # CPU/GPU: also the parameter gradients and their all-reduced copies
+        update = max(update, copies * (p_bytes + 4 * merged_rows * dv))
     else:
       update = copies * p_bytes + 5 * 4 * global_lookups * dv
   else:
