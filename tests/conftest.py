@@ -7,7 +7,17 @@ is imported: ``tests/test_multidevice.py`` runs each of its modules in a fresh p
 
 import os
 
-import jax
+# Tests compile hundreds of small CPU programs and run each for a few steps: LLVM at -O0 halves XLA's CPU
+# compile time (tests/multidevice/test_equivalence.py: 142 s -> 73 s) for steps ~2x slower to run.
+# Fast-math stays off, but two different programs may round differently at -O0 (e.g. where LLVM would
+# contract a multiply-add): tests comparing two programs allow fp32 rounding, tests of one program
+# (resume, determinism) stay bitwise. Set before JAX starts a backend; the
+# subprocesses inherit it (``helpers.subprocess_env``) except the accelerator compilers' (``helpers.aot_env``).
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -21,10 +31,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 collect_ignore = [] if os.environ.get("MEMJAX_MULTIDEVICE") else ["multidevice"]
 
-# Files by their time on a 2-core machine, longest first (`--durations`, serial run, this stop):
+# Files by their time on a 2-core machine, longest first (`--durations` of a `-n 2` run):
 # under `-n 2 --dist loadfile` a worker takes the next file when it finishes one, so starting the
 # long ones first keeps a long file from running alone at the end.
-LONGEST_FIRST = ("test_compile.py", "test_multidevice.py", "test_multiprocess_resume.py", "test_benchmarks.py",
+LONGEST_FIRST = ("test_multidevice.py", "test_multiprocess_resume.py", "test_compile.py", "test_benchmarks.py",
                  "test_notebooks.py", "test_optim.py")
 
 

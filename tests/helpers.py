@@ -46,9 +46,29 @@ def train_py(*flags: str, config: str | None = "tiny", data_dir=None, workdir=No
 
 
 def subprocess_env(**extra) -> dict:
-  """This environment plus the suite's persistent compile cache (shared with subprocesses)."""
+  """This environment plus the suite's persistent compile cache (shared with subprocesses); an
+  ``XLA_FLAGS`` in ``extra`` is added to this process's flags (the suite's, tests/conftest.py)."""
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "memjax-test-jax-cache"))
+  if "XLA_FLAGS" in extra:
+    extra["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra['XLA_FLAGS']}".strip()
+  env.update(extra)
+  return env
+
+
+def without_device_count(env: dict) -> dict:
+  """``env`` with no fake-device count in ``XLA_FLAGS`` (for processes that set theirs with
+  ``--num_cpu_devices``); the suite's other flags stay."""
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**env, "XLA_FLAGS": " ".join(flags)}
+
+
+def aot_env(**extra) -> dict:
+  """The environment of an accelerator compiler's process (deviceless AOT): ``os.environ`` without the
+  suite's CPU-only compile flag (tests/conftest.py), plus ``extra``."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
+  env["XLA_FLAGS"] = " ".join(flags)
   env.update(extra)
   return env
 
@@ -123,8 +143,7 @@ def launch_train_processes(flags: list[str], workdir, *, processes: int = 2, dev
 
   import portpicker
   port = portpicker.pick_unused_port()
-  env = subprocess_env()
-  env.pop("XLA_FLAGS", None)  # each process sets its own device count (--num_cpu_devices)
+  env = without_device_count(subprocess_env())  # each process sets its own (--num_cpu_devices)
   return [subprocess.Popen(
       [sys.executable, TRAIN_PY, *flags, f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
        f"--num_processes={processes}", f"--process_id={i}", f"--num_cpu_devices={devices_per_process}"],

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import CONFIGS, REPO, one_error_line
+from helpers import CONFIGS, REPO, aot_env, one_error_line
 
 CASES = [(u, vs) for u in ("dense", "sparse") for vs in ("column", "row")]
 
@@ -41,7 +41,7 @@ def test_train_steps_compile_for_the_target(target):
   # configs/tiny.py: every kernel and collective of the default model's step, a third of its compile time
   code = SCRIPT.format(cases=CASES, config=os.path.join(CONFIGS, "tiny.py"), target=target)
   out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+                       env=aot_env(JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   assert out.returncode == 0, out.stderr[-4000:]
   rows = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
   assert [(r["value_update"], r["value_sharding"]) for r in rows] == CASES
@@ -59,7 +59,7 @@ def test_a_peer_model_compiles_for_the_target(target):
   platform = "tpu" if target.startswith("v") else "cuda"
   code = SCRIPT.format(cases=[("dense", "column")], config=os.path.join(CONFIGS, "peer.py"), target=target)
   out = subprocess.run([_aot_python(platform), "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+                       env=aot_env(JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   assert out.returncode == 0, out.stderr[-4000:]
   (row,) = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
   assert row["platform"] == platform and row["fits"] and row["bytes_per_device"]["temp"] > 0, row
@@ -85,8 +85,8 @@ from memjax.scale.compile import compile_step
 from memjax.scale.plan import load_config
 out = {{}}
 for remat in ("none", "full", "matmuls"):
-  cfg = load_config({config!r}, [("model.remat", remat), ("model.num_layers", "8"), ("train.batch_size", "32"),
-                                 ("train.seq_len", "256"), ("model.memory.layers", "")])
+  cfg = load_config({config!r}, [("model.remat", remat), ("model.num_layers", "4"), ("train.batch_size", "16"),
+                                 ("train.seq_len", "512"), ("model.memory.layers", "")])
   out[remat] = compile_step(cfg, "v5p-8", dict(data=4, fsdp=1, memory=1))["bytes_per_device"]["temp"]
 print("RESULT" + json.dumps(out))
 """
@@ -94,12 +94,12 @@ print("RESULT" + json.dumps(out))
 
 def test_remat_keeps_less_on_the_tpu_compiler():
   # Remat is per block, the same for every block type: measured on the default model's dense blocks
-  # (8 blocks, 32 x 256, no memory layer: 40% less compile time than with its Memory+ layer), 453 MiB
-  # of temporaries without remat, 305 with "full", 389 with "matmuls" (with the Memory+ layer:
-  # 458 / 325 / 399).
+  # (4 blocks, 16 x 512, no memory layer: 40% less compile time than with its Memory+ layer), 392 MiB
+  # of temporaries without remat, 292 with "full", 330 with "matmuls" (8 blocks at 32 x 256: 453 / 305
+  # / 389, in 1.7x the compile time).
   out = subprocess.run([_aot_python("tpu"), "-c", REMAT_SCRIPT.format(config=os.path.join(CONFIGS, "default.py"))],
                        capture_output=True, text=True, timeout=1200, cwd=REPO,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+                       env=aot_env(JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   assert out.returncode == 0, out.stderr[-4000:]
   temp = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
   assert temp["full"] < 0.8 * temp["none"] and temp["matmuls"] < 0.9 * temp["none"], temp
@@ -122,7 +122,7 @@ def test_decode_step_compiles_for_tpu_with_the_cache_updated_in_place():
   python = _aot_python("tpu")
   code = DECODE_SCRIPT.format(config=os.path.join(CONFIGS, "default.py"))
   out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+                       env=aot_env(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
   assert out.returncode == 0, out.stderr[-4000:]
   rows = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
   cache_bytes = 4 * 2 * 8 * 4096 * 4 * 32 * 4 // 2  # blocks x (k, v) x [B, S, N, Dh] fp32, batch over data=2
@@ -159,7 +159,7 @@ def test_auto_attention_is_the_fused_kernel_of_the_target(target):
   platform = "tpu" if target.startswith("v") else "cuda"
   code = ATTENTION_SCRIPT.format(config=os.path.join(CONFIGS, "tiny.py"), target=target)
   out = subprocess.run([_aot_python(platform), "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+                       env=aot_env(JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   assert out.returncode == 0, out.stderr[-4000:]
   row = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
   layers = 2  # configs/tiny.py

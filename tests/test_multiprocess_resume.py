@@ -21,7 +21,7 @@ import chex
 import pytest
 
 from helpers import (CONFIGS, TRAIN_PY, checkpoint_steps, checkpoint_tree, launch_train_processes, logged_losses,
-                     one_error_line, orbax_tmp_dirs, subprocess_env)
+                     one_error_line, orbax_tmp_dirs, subprocess_env, without_device_count)
 
 STEPS, EVERY, LOST_AFTER = 16, 4, 8
 FLAGS = [f"--config={CONFIGS}/tiny.py", f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
@@ -118,8 +118,7 @@ def test_a_lost_process_ends_the_other_with_one_line_and_a_restart_is_exact(tmp_
 @pytest.mark.parametrize("alone", [0, 1], ids=["coordinator_alone", "process1_alone"])
 def test_a_process_lost_before_start_up_ends_the_other_after_the_startup_timeout(tmp_path, data_dir, alone):
   import portpicker
-  env = subprocess_env()
-  env.pop("XLA_FLAGS", None)
+  env = without_device_count(subprocess_env())
   cmd = [sys.executable, TRAIN_PY, *_flags(data_dir), f"--workdir={tmp_path / 'w'}", "--num_processes=2",
          f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}", f"--process_id={alone}",
          "--num_cpu_devices=4", "--startup_timeout=3"]
