@@ -30,7 +30,7 @@ from memjax.memory.layer import MemoryOutput, MemoryValue, ProductKeyMemory, Val
 from memjax.moe import MoE
 from memjax.peer import PEER, PEEROutput
 from memjax.nn import normal_param, param, rms_norm
-from memjax.sharding import EMBED, HEAD_DIM, HEADS, MLP, VOCAB
+from memjax.sharding import EMBED, HEAD_DIM, HEADS, MLP, VOCAB, constrain_batch
 
 
 # ----- pure helpers -----------------------------------------------------------------------------
@@ -72,9 +72,7 @@ class Attention(nnx.Module):
   def qkv(self, x_BxTxC, positions_BxT):
     """Queries, keys and values [B, T, N, Dh], RoPE applied to q and k."""
     dt = x_BxTxC.dtype
-    q = jnp.einsum("btc,cnd->btnd", x_BxTxC, self.wq[...].astype(dt))
-    k = jnp.einsum("btc,cnd->btnd", x_BxTxC, self.wk[...].astype(dt))
-    v = jnp.einsum("btc,cnd->btnd", x_BxTxC, self.wv[...].astype(dt))
+    q, k, v = (constrain_batch(jnp.einsum("btc,cnd->btnd", x_BxTxC, w[...].astype(dt))) for w in (self.wq, self.wk, self.wv))
     return rope(q, positions_BxT, self.cfg.rope_theta), rope(k, positions_BxT, self.cfg.rope_theta), v
 
   def attend(self, q_BxTxNxD, k_BxSxNxD, v_BxSxNxD, mask_Bx1xTxS):
@@ -123,7 +121,7 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+    h = constrain_batch(jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt)))
     return h @ self.w_down[...].astype(dt)
 
 
@@ -231,7 +229,7 @@ class LM(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     dt = COMPUTE_DTYPES[self.cfg.dtype]
     table = self.embed[...]
-    x = jnp.take(table, tokens_BxT, axis=0).astype(dt)  # [B, T, C]
+    x = constrain_batch(jnp.take(table, tokens_BxT, axis=0).astype(dt))  # [B, T, C], batch split (FSDP)
     moe_loss = jnp.zeros((), jnp.float32)
     memory: list[MemoryOutput] = []
     peer: list[PEEROutput] = []
@@ -245,6 +243,7 @@ class LM(nnx.Module):
         x, aux = block(x, positions_BxT, segment_ids_BxT, tap, read_mask=read_mask)
       else:
         x, aux = call(block, x, positions_BxT, segment_ids_BxT, tap)
+      x = constrain_batch(x)
       if "moe_loss" in aux:
         moe_loss = moe_loss + aux["moe_loss"]
       if "memory" in aux:

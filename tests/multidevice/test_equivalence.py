@@ -66,3 +66,25 @@ def test_value_table_shards_are_what_the_mode_promises(runs):
   assert got["col_d2m4"][2] == (slots, dv // 4)  # column: Dv / memory
   assert got["row_d2m4"][2] == (slots // 4, dv)  # row: slots / memory
   assert got["fsdp_d4f2"][2] == (slots, dv)
+
+
+def test_constrain_batch_splits_activations_over_data_and_fsdp():
+  # memjax.sharding.constrain_batch pins the model's activations to the batch split (FSDP gathers the
+  # weights instead of splitting a matmul's contracting axis); elsewhere it leaves them alone.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from memjax import sharding
+  double = jax.jit(lambda x: sharding.constrain_batch(x * 2.0))
+  x = np.arange(8 * 3 * 5, dtype=np.float32).reshape(8, 3, 5)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, memory=1))
+  with jax.set_mesh(mesh):
+    y = double(jax.device_put(x, NamedSharding(mesh, P())))  # replicated in
+    odd = double(jax.device_put(x[:6], NamedSharding(mesh, P())))  # 6 rows: 8 shards do not divide them
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+  assert [s.data.shape for s in y.addressable_shards] == [(1, 3, 5)] * 8
+  np.testing.assert_array_equal(np.asarray(y), 2 * x)
+  assert odd.sharding.is_fully_replicated
+  memory_only = sharding.make_mesh(dict(data=1, fsdp=1, memory=8))  # nothing splits the batch
+  with jax.set_mesh(memory_only):
+    z = double(jax.device_put(x, NamedSharding(memory_only, P())))
+  assert z.sharding.is_fully_replicated
+  np.testing.assert_array_equal(np.asarray(double(x)), 2 * x)  # no mesh
