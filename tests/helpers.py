@@ -56,21 +56,21 @@ def subprocess_env(**extra) -> dict:
   return env
 
 
+def _without_xla_flag(env: dict, flag: str) -> dict:
+  """``env`` with every ``XLA_FLAGS`` entry starting with ``flag`` removed (the others stay)."""
+  return {**env, "XLA_FLAGS": " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(flag))}
+
+
 def without_device_count(env: dict) -> dict:
   """``env`` with no fake-device count in ``XLA_FLAGS`` (for processes that set theirs with
   ``--num_cpu_devices``); the suite's other flags stay."""
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  return {**env, "XLA_FLAGS": " ".join(flags)}
+  return _without_xla_flag(env, "--xla_force_host_platform_device_count")
 
 
 def aot_env(**extra) -> dict:
   """The environment of an accelerator compiler's process (deviceless AOT): ``os.environ`` without the
   suite's CPU-only compile flag (tests/conftest.py), plus ``extra``."""
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
-  env["XLA_FLAGS"] = " ".join(flags)
-  env.update(extra)
-  return env
+  return {**_without_xla_flag(dict(os.environ), "--xla_backend_optimization_level"), **extra}
 
 
 def one_error_line(stderr: str) -> str:
