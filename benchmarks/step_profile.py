@@ -9,7 +9,11 @@ Families (each: dense 1x, dense 2x FLOPs, Memory+ with the dense and with the sp
   knowledge  benchmarks/knowledge.py's "full" models: width 64, 4 blocks, 3 Memory+ layers over
              256^2 = 65k slots, 2 heads of 64-wide keys, top-32; batch 16 x 128
   paper_cpu  the default trunk (width 128, 4 blocks) with one paper-shaped Memory+ layer: n 1024
-             (1M slots), 4 heads of 64-wide keys, top-32, value width 128
+             (1M slots), 4 heads of 64-wide keys, top-32, value width 128; batch 16 x 128 (262k
+             lookups a step: a quarter of the rows read, so the dense update's whole-table pass dominates)
+  paper_cpu_16k  the same models at batch 128 x 128 = 16,384 tokens (2.1M lookups a step, each row
+             read ~2 times): closer to the paper's regime, where a step reads every row many times
+             (e.g. 1M tokens x 128 lookups over 1M slots) and the table's update is amortised
   default    configs/default.py's model (width 128, one Memory+ layer over 4k slots)
 The dense models are searched in width and depth for the FLOPs/token closest to 1x and 2x the
 Memory+ model's (knowledge.dense_scaled).
@@ -52,7 +56,7 @@ from memjax.memory.read import memory_read  # noqa: E402
 from memjax.train.step import make_step_fns  # noqa: E402
 
 VOCAB = 1024
-FAMILIES = ("knowledge", "paper_cpu", "default")
+FAMILIES = ("knowledge", "paper_cpu", "paper_cpu_16k", "default")
 
 
 # Each family: the trunk (overrides of configs/base.py) and its Memory+ layers. Its dense models are
@@ -70,6 +74,7 @@ FAMILY_MODELS = {
                                    "model.memory.value_dim": 128, "model.memory.qk_norm": True}),
     "default": (_DEFAULT_TRUNK, {**_MEMORY_PLUS, "model.memory.layers": "centered:1"}),  # configs/default.py's
 }
+FAMILY_MODELS["paper_cpu_16k"] = ({**_DEFAULT_TRUNK, "train.batch_size": 128}, FAMILY_MODELS["paper_cpu"][1])
 
 
 def family_configs(family: str, xla_update: bool = False) -> dict:
