@@ -245,14 +245,27 @@ def value_adam(table, mu, nu, rows, g, *, lr, div, mul, bc1, bc2, b1: float, b2:
 
 def scatter_rows(idx, v, n: int):
   """``out[..., :] = 0; out[..., idx[..., c]] += v[..., c]``: [..., k] -> [..., n] fp32, the transpose
-  of ``take_along_axis`` (the C++ kernel when built, else XLA's scatter)."""
-  shape = idx.shape[:-1] + (n,)
+  of ``take_along_axis`` (the C++ kernel when built, else ``scatter_rows_xla``: the same bits for
+  indices in [0, n); the kernel clamps others, XLA drops them).
+
+  Example:
+    >>> scatter_rows(jnp.array([[2, 0, 2]]), jnp.array([[1.0, 2.0, 3.0]]), 4).tolist()
+    [[2.0, 0.0, 4.0, 0.0]]
+  """
   if not ffi_status()[0]:
-    flat_idx, flat_v = idx.reshape(-1, idx.shape[-1]), v.reshape(-1, idx.shape[-1]).astype(jnp.float32)
-    out = jnp.zeros((flat_idx.shape[0], n), jnp.float32)
-    return out.at[jnp.arange(flat_idx.shape[0])[:, None], flat_idx].add(flat_v).reshape(shape)
+    return scatter_rows_xla(idx, v, n)
+  shape = idx.shape[:-1] + (n,)
   call = jax.ffi.ffi_call("memjax_scatter_rows", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
   return call(idx.astype(jnp.int32), v.astype(jnp.float32), n=int(n))
+
+
+def scatter_rows_xla(idx, v, n: int):
+  """``scatter_rows`` as one XLA scatter-add. Each row's k updates are added in order c = 0 .. k-1 to
+  zeros, as the kernel adds them, so the two agree bit for bit (tests/test_topk_cpu.py)."""
+  shape = idx.shape[:-1] + (n,)
+  flat_idx, flat_v = idx.reshape(-1, idx.shape[-1]), v.reshape(-1, idx.shape[-1]).astype(jnp.float32)
+  out = jnp.zeros((flat_idx.shape[0], n), jnp.float32)
+  return out.at[jnp.arange(flat_idx.shape[0])[:, None], flat_idx].add(flat_v).reshape(shape)
 
 
 # ----- the backend --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ slots inside it. So: two top-k over n, k^2 candidate sums, one top-k over k^2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -97,6 +98,26 @@ def _selected_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
 
 
 DENSE_PICK_MAX_N_OVER_K = 16
+_XLA_GATHERED_ON_CPU = [False]  # set by gathered_xla_gradient()
+
+
+@contextlib.contextmanager
+def gathered_xla_gradient():
+  """While tracing inside it, ``backend="xla"`` differentiates through the gathered sub-keys on CPU
+  too (GPU's formulation), not the dense-score picks: for ``memjax.plan.compare_with_xla``, whose
+  CPU compile stands for what the GPU compiler gets.
+
+  Example:
+    >>> with gathered_xla_gradient():
+    ...   _ = jax.grad(lambda q: product_key_topk(q, jnp.ones((1, 2, 4, 2)), 2, backend="xla")[0].sum())(
+    ...       jnp.ones((3, 1, 4)))
+  """
+  previous = _XLA_GATHERED_ON_CPU[0]
+  _XLA_GATHERED_ON_CPU[0] = True
+  try:
+    yield
+  finally:
+    _XLA_GATHERED_ON_CPU[0] = previous
 
 
 def _picked_scores(query_xHxK, keys_Hx2xNxK2, i_xHxk, j_xHxk):
@@ -150,7 +171,10 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
   #  dense:    the scores' cotangent scattered into the dense [H, N, n] sub-key scores (already
   #            computed for the selection), an O(n Dk) matmul backward and no forward work at all
   #            (a custom VJP); on CPU while n <= DENSE_PICK_MAX_N_OVER_K * k (2048 tokens x 2 heads,
-  #            n 256, k 32: forward 28 -> 2 ms, with gradient 37 -> 14 ms against gathered).
+  #            n 256, k 32: forward 28 -> 2 ms, with gradient 37 -> 14 ms against gathered), for
+  #            every backend: the scatter is the C++ kernel, or XLA's under backend="xla" (the same
+  #            bits), so on CPU the backends differ only in the selection, which is exact, and train
+  #            bit for bit alike.
   #  picked:   a recomputation by one-hot picks of the dense scores, no gather or scatter at all: TPU
   #            (compiled for v5p, 16k tokens x 4 heads, n 1024, k 32: forward + backward estimate
   #            13 -> 5.7 ms).
@@ -160,12 +184,18 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
       return scores + (chosen - jax.lax.stop_gradient(chosen))
     return fn
 
-  def dense(query, keys):
-    return _token_major(_dense_score_grad(n, *subkey_scores_head_major(query, keys), *selected), lead)
+  def dense(kernel: bool):
+    def fn(query, keys):
+      s1, s2 = subkey_scores_head_major(query, keys)
+      return _token_major(_dense_score_grad(n, kernel, s1, s2, *selected), lead)
+    return fn
 
+  dense_on_cpu = n <= DENSE_PICK_MAX_N_OVER_K * k
   if backend == "xla":
-    return recomputed(_selected_scores)(query, keys), indices
-  on_cpu = dense if n <= DENSE_PICK_MAX_N_OVER_K * k else recomputed(_selected_scores)
+    on_cpu = dense(kernel=False) if dense_on_cpu and not _XLA_GATHERED_ON_CPU[0] else recomputed(_selected_scores)
+    scores = jax.lax.platform_dependent(query, keys, cpu=on_cpu, default=recomputed(_selected_scores))
+    return scores, indices
+  on_cpu = dense(kernel=True) if dense_on_cpu else recomputed(_selected_scores)
   if backend == "cpu":
     return on_cpu(query, keys), indices
   scores = jax.lax.platform_dependent(query, keys, cpu=on_cpu, tpu=recomputed(_picked_scores),
@@ -173,24 +203,25 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
   return scores, indices
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense_score_grad(n: int, s1_HxNxn, s2_HxNxn, scores_HxNxk, i_HxNxk, j_HxNxk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dense_score_grad(n: int, kernel: bool, s1_HxNxn, s2_HxNxn, scores_HxNxk, i_HxNxk, j_HxNxk):
   """``scores`` (the selection's exact sums, no further work), differentiable as the entries
-  ``s1[i] + s2[j]`` of the dense sub-key scores: the cotangent is scattered into them."""
-  del n, s1_HxNxn, s2_HxNxn, i_HxNxk, j_HxNxk
+  ``s1[i] + s2[j]`` of the dense sub-key scores: the cotangent is scattered into them (by the C++
+  kernel if ``kernel``, else by XLA: the same bits)."""
+  del n, kernel, s1_HxNxn, s2_HxNxn, i_HxNxk, j_HxNxk
   return scores_HxNxk
 
 
-def _dense_score_grad_fwd(n, s1, s2, scores, i, j):
-  del n, s1, s2
+def _dense_score_grad_fwd(n, kernel, s1, s2, scores, i, j):
+  del n, kernel, s1, s2
   return scores, (i, j)
 
 
-def _dense_score_grad_bwd(n, res, d_scores_HxNxk):
+def _dense_score_grad_bwd(n, kernel, res, d_scores_HxNxk):
   i, j = res
   zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  # The transpose of take_along_axis, [H, N, k] -> [H, N, n] (the C++ kernel on CPU).
-  return (cpu.scatter_rows(i, d_scores_HxNxk, n), cpu.scatter_rows(j, d_scores_HxNxk, n),
+  scatter = cpu.scatter_rows if kernel else cpu.scatter_rows_xla  # [H, N, k] -> [H, N, n]
+  return (scatter(i, d_scores_HxNxk, n), scatter(j, d_scores_HxNxk, n),
           jnp.zeros_like(d_scores_HxNxk), zero_int(i), zero_int(j))
 
 

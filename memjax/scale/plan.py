@@ -321,6 +321,7 @@ def compare_with_xla(config_path: str, sizes: dict, *, batch_size=None, seq_len=
   import dataclasses
   import time
 
+  from memjax.memory.product_keys import gathered_xla_gradient
   from memjax.scale import comms
   from memjax.train.step import compile_train_step
 
@@ -328,7 +329,8 @@ def compare_with_xla(config_path: str, sizes: dict, *, batch_size=None, seq_len=
   train = dataclasses.replace(cfg.train, **{k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len))
                                             if v is not None})
   # The "xla" compiler model describes XLA's own formulations (what GPU compiles): the bag on
-  # ``backend`` and the top-k's ``xla`` formulation (three top_k and gathered sub-keys). The CPU
+  # ``backend`` and the top-k's ``xla`` formulation (three top_k and, by gathered_xla_gradient, the
+  # gathered sub-keys' gradient, which plain CPU runs replace by the dense-score picks). The CPU
   # kernels keep less (the C++ selection has no k x k grid in XLA; the dense-score picks no gathered
   # sub-keys), so on CPU the plan is an upper bound.
   layer = dataclasses.replace(cfg.model.memory.layer, topk="xla")
@@ -338,7 +340,8 @@ def compare_with_xla(config_path: str, sizes: dict, *, batch_size=None, seq_len=
   model = dataclasses.replace(cfg.model, memory=memory)
   p = plan(model, train, sizes)
   t0 = time.time()
-  compiled, _ = compile_train_step(model, train, sizes)
+  with gathered_xla_gradient():
+    compiled, _ = compile_train_step(model, train, sizes)
   seconds = time.time() - t0
   m = compiled.memory_analysis()
   xla = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
