@@ -232,22 +232,22 @@ def main(argv=None):
                                       "softmax + bag": med["read fwd"] - med["top-k"],
                                       "backward": med["read fwd+bwd"] - med["read fwd"]},
                     "value_update_ms": upd})
-  print(f"\n{'family':<10} {'step':<32} {'GFLOP/tok':>9} {'median ms':>10} {'x dense 1x':>10} {'round x':>8}")
+  print(f"\n{'family':<13} {'step':<32} {'GFLOP/tok':>9} {'median ms':>10} {'x dense 1x':>10} {'round x':>8}")
   for r in results:
     for name, s in r["steps"].items():
-      print(f"{r['family']:<10} {name:<32} {s['flops_per_token'] / 1e9:>9.4f} {s['median_ms']:>10.1f} "
+      print(f"{r['family']:<13} {name:<32} {s['flops_per_token'] / 1e9:>9.4f} {s['median_ms']:>10.1f} "
             f"{s['over_dense_1x']:>10.2f} {s['round_ratio_median']:>8.2f}")
   print("\none memory layer's read at the step's shapes (ms; a Memory+ step has 'layers' of them):")
-  print(f"{'family':<10} {'scoring':>8} {'top-k':>8} {'soft+bag':>9} {'backward':>9} {'total':>8} {'layers':>7}")
+  print(f"{'family':<13} {'scoring':>8} {'top-k':>8} {'soft+bag':>9} {'backward':>9} {'total':>8} {'layers':>7}")
   for r in results:
     parts = r["read_parts_ms"]
-    print(f"{r['family']:<10} {parts['scoring']:>8.1f} {parts['top-k']:>8.1f} {parts['softmax + bag']:>9.1f} "
+    print(f"{r['family']:<13} {parts['scoring']:>8.1f} {parts['top-k']:>8.1f} {parts['softmax + bag']:>9.1f} "
           f"{parts['backward']:>9.1f} {r['read_prefix_ms']['read fwd+bwd']:>8.1f} {r['memory_layers']:>7}")
   print("\nthe pool's value update at the step's shapes (ms; once per step, all readers' lookups):")
-  print(f"{'family':<10} {'row sums':>9} {'dense update':>13} {'lazy update':>12}")
+  print(f"{'family':<13} {'row sums':>9} {'dense update':>13} {'lazy update':>12}")
   for r in results:
     u = r["value_update_ms"]
-    print(f"{r['family']:<10} {u['row sums']:>9.1f} {u['dense update']:>13.1f} {u['lazy update']:>12.1f}")
+    print(f"{r['family']:<13} {u['row sums']:>9.1f} {u['dense update']:>13.1f} {u['lazy update']:>12.1f}")
   meta = {"command": "python benchmarks/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
           "machine": _runs.machine(), "jax": jax.__version__, "repeats": args.repeats,
           "topk_backend": args.topk_backend, "xla_update": args.xla_update,
