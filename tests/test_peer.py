@@ -17,6 +17,7 @@ from flax import nnx
 from helpers import one_error_line, subprocess_env, train_py
 from memjax.config import ConfigError, LMMemoryConfig, MemoryConfig, ModelConfig, PEERConfig, TrainConfig
 from memjax.config_bridge import config_from_dict
+from memjax.memory.product_keys import gathered_xla_gradient
 from memjax.model import LM, split_model
 from memjax.peer import PEER, peer_forward, peer_forward_reference
 from memjax.sharding import LOGICAL_AXES
@@ -169,7 +170,10 @@ def test_flop_formula_matches_the_matmuls_of_the_implementation(flags):
   cfg = _cfg(**flags)
   layer = PEER(C, cfg, rngs=nnx.Rngs(0))
   tokens = 10
-  jaxpr = jax.make_jaxpr(_fast(layer, "xla", "xla"))(_x((tokens, C)), layer.arrays()).jaxpr
+  # The "xla" top-k in GPU's form (its gradient through the gathered sub-keys; on CPU it would take the
+  # dense-score picks, whose two platform branches the jaxpr would both hold).
+  with gathered_xla_gradient():
+    jaxpr = jax.make_jaxpr(_fast(layer, "xla", "xla"))(_x((tokens, C)), layer.arrays()).jaxpr
   terms = cfg.flops_breakdown(C)
   h, k, dk = cfg.heads, cfg.top_k, cfg.key_dim
   # Besides the formula's matmuls, the forward recomputes the k chosen scores from their sub-keys for

@@ -104,8 +104,9 @@ _XLA_GATHERED_ON_CPU = [False]  # set by gathered_xla_gradient()
 @contextlib.contextmanager
 def gathered_xla_gradient():
   """While tracing inside it, ``backend="xla"`` differentiates through the gathered sub-keys on CPU
-  too (GPU's formulation), not the dense-score picks: for ``memjax.plan.compare_with_xla``, whose
-  CPU compile stands for what the GPU compiler gets.
+  too (GPU's formulation), not the dense-score picks, and without a platform branch: for
+  ``memjax.plan.compare_with_xla``, whose CPU compile stands for what the GPU compiler gets, and for
+  tests that count the formulation's matmuls in a jaxpr.
 
   Example:
     >>> with gathered_xla_gradient():
@@ -192,8 +193,9 @@ def product_key_topk(query, keys, k: int, *, backend: str = "auto"):
 
   dense_on_cpu = n <= DENSE_PICK_MAX_N_OVER_K * k
   if backend == "xla":
-    on_cpu = dense(kernel=False) if dense_on_cpu and not _XLA_GATHERED_ON_CPU[0] else recomputed(_selected_scores)
-    scores = jax.lax.platform_dependent(query, keys, cpu=on_cpu, default=recomputed(_selected_scores))
+    if not dense_on_cpu or _XLA_GATHERED_ON_CPU[0]:
+      return recomputed(_selected_scores)(query, keys), indices
+    scores = jax.lax.platform_dependent(query, keys, cpu=dense(kernel=False), default=recomputed(_selected_scores))
     return scores, indices
   on_cpu = dense(kernel=True) if dense_on_cpu else recomputed(_selected_scores)
   if backend == "cpu":
