@@ -9,8 +9,9 @@ remat "none", then "matmuls", then "full", each with the sparse or the dense val
 fewest microbatches, over every mesh data x fsdp x memory of the target's chips (the smallest planned
 footprint); if nothing fits, the smallest footprint found. Then the train step is
 compiled for the target with ``memjax.scale.compile.compile_step`` and the table reports the
-compiler's per-device bytes, whether it fits, its step-time estimate (TPU; a cost model) with the
-tokens/s and MFU that implies, and the planner's error against the compiler. Each target's compiles
+compiler's per-device bytes, whether it fits, its step-time estimate (TPU; a cost model; for a
+microbatched step that fits, derived with ``price_microbatches``: docs/compile.md) with the tokens/s
+and MFU that implies, and the planner's error against the compiler. Each target's compiles
 run in the venv of ``.ci/aot_env.sh`` for its platform. Writes ``benchmarks/results/compile_table.json``.
 """
 
@@ -87,7 +88,7 @@ def _run_platform(platform: str, configs, targets, out_path: str) -> None:
       row = {"config": name, "target": t, "mesh": sizes, "overrides": dict(overrides),
              "plan_total_bytes": p["arguments_bytes"] + p["temp_bytes"]}
       try:
-        r = compile_step(cfg, target, sizes)
+        r = compile_step(cfg, target, sizes, price_microbatches=True)
         row.update(r)
         row["plan_error"] = row["plan_total_bytes"] / r["total_bytes_per_device"] - 1
       except Exception as e:  # noqa: BLE001 - e.g. out of HBM: the table says so
