@@ -50,9 +50,10 @@ def _optimal_seconds(compiled) -> float | None:
 
 
 def _microbatch_seconds(cfg, target: Target, mesh) -> float | None:
-  """The cost model's seconds for one microbatch's forward + backward: ``StepFns.grads`` of the same
-  model at ``train.batch_size / k`` rows and one microbatch, compiled for ``target`` on ``mesh`` (no
-  optimizer update; with the sparse update it includes that microbatch's row gradients)."""
+  """The cost model's seconds for one microbatch's forward + backward: ``StepFns.backward`` of the
+  same model at ``train.batch_size / k`` rows and one microbatch (the loop's body: no optimizer
+  update; with the sparse update the reads' cotangents, not yet row gradients), compiled for
+  ``target`` on ``mesh``."""
   import dataclasses
 
   import jax
@@ -62,7 +63,7 @@ def _microbatch_seconds(cfg, target: Target, mesh) -> float | None:
   tc = cfg.train
   one = dataclasses.replace(tc, batch_size=tc.batch_size // tc.microbatches, microbatches=1)
   steps = jit_steps(make_step_fns(cfg.model, one), mesh, cfg.model.memory.value_sharding)
-  grads = jax.jit(steps.fns.grads, in_shardings=(steps.state_sharding, steps.batch_sharding))
+  grads = jax.jit(steps.fns.backward or steps.fns.grads, in_shardings=(steps.state_sharding, steps.batch_sharding))
   with jax.set_mesh(mesh):
     compiled = grads.trace(*steps.abstract_args(one.batch_size, one.seq_len)).lower().compile(
         _gpu_compiler_options(target) or None)

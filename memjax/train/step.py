@@ -99,6 +99,10 @@ class StepFns:
   logits: Any  # (state, tokens [B, T] int32) -> logits [B, T, V] fp32
   finetune: str | None = None
   merged_params: Any = None  # state -> the parameters to export ("lora": base + adapters); None: params
+  # (state, batch) -> the forward + backward of the accumulation loop (all ``train.microbatches``), as
+  # the train step runs it: with the sparse update the value gradient stays the reads' cotangents
+  # (taps), before any row gradients (which the step under a mesh forms per shard). None: ``grads``.
+  backward: Any = None
 
 
 def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
@@ -318,7 +322,11 @@ def make_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
   def logits(state, tokens_BxT):
     return merge_model(graphdef, state["params"], state["values"])(tokens_BxT)[0]
 
-  return StepFns(graphdef, pools, sparse, model_tx, value_tx, init, start, grads, train_step, eval_step, logits)
+  def backward(state, batch):
+    return accumulated(state["params"], state["values"], batch)
+
+  return StepFns(graphdef, pools, sparse, model_tx, value_tx, init, start, grads, train_step, eval_step, logits,
+                 backward=backward)
 
 
 def _finetune_step_fns(model_cfg: ModelConfig, train_cfg: TrainConfig, ft: FinetuneConfig) -> StepFns:
