@@ -43,10 +43,11 @@ def _gpu_compiler_options(target: Target) -> dict:
   return {"xla_gpu_enable_cub_radix_sort": False} if target.platform == "cuda" else {}
 
 
-def _optimal_seconds(compiled) -> float | None:
+def _cost(compiled) -> dict:
+  """The compiler's cost model as a dict (TPU: "flops", "bytes accessed", "optimal_seconds"; {} if none)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  return dict(cost).get("optimal_seconds") if cost else None
+  return dict(cost) if cost else {}
 
 
 def _microbatch_seconds(cfg, target: Target, mesh) -> float | None:
@@ -67,7 +68,7 @@ def _microbatch_seconds(cfg, target: Target, mesh) -> float | None:
   with jax.set_mesh(mesh):
     compiled = grads.trace(*steps.abstract_args(one.batch_size, one.seq_len)).lower().compile(
         _gpu_compiler_options(target) or None)
-  return _optimal_seconds(compiled)
+  return _cost(compiled).get("optimal_seconds")
 
 
 def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "train",
@@ -112,9 +113,7 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
   mem = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
          "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
   total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  cost = dict(cost) if cost else {}
+  cost = _cost(compiled)
   estimate = cost.get("optimal_seconds")
   # The cost model prices a while loop's body once: with microbatches (a loop over them) its figure
   # is not the step's, and it is sometimes negative (overflow). Neither is reported as an estimate.
@@ -188,9 +187,7 @@ def _compile_decode(cfg, target: Target, mesh_sizes: dict) -> dict:
   mem = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
          "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes}
   total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  cost = dict(cost) if cost else {}
+  cost = _cost(compiled)
   from memjax.scale import comms
   return {"target": target.name, "platform": target.platform, "topology": target.topology, "chips": target.chips,
           "step": "decode", "mesh": mesh_sizes, "batch_size": b, "cache_len": s, "slots": m.memory.layer.num_slots,
