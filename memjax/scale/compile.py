@@ -86,7 +86,7 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
 
   from memjax import sharding
   from memjax.scale import comms
-  from memjax.scale.plan import plan
+  from memjax.scale.plan import compiler_for, plan
   from memjax.train.step import jit_steps, make_step_fns
 
   target = get(target) if isinstance(target, str) else target
@@ -134,7 +134,7 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
   tokens = tc.batch_size * tc.seq_len
   factor = 3 if step == "train" else 1  # forward + backward = 3 forwards
   model_flops = factor * cfg.model.flops_per_token(tc.seq_len) * tokens
-  p = plan(cfg.model, tc, mesh_sizes, compiler="tpu" if target.platform == "tpu" else "xla")
+  p = plan(cfg.model, tc, mesh_sizes, compiler=compiler_for(target.platform))
   report = {
       "target": target.name, "platform": target.platform, "topology": target.topology, "chips": target.chips,
       "step": step, "mesh": mesh_sizes, "batch_size": tc.batch_size, "seq_len": tc.seq_len,

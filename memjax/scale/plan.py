@@ -2,6 +2,7 @@
 
   python -m memjax.plan --config=configs/paper_373m.py --mesh data=8,memory=1
   python -m memjax.plan --config=configs/paper_8b.py --mesh data=8,fsdp=8,memory=4 --json
+  python -m memjax.plan --config=configs/paper_1b3.py --mesh fsdp=16,memory=2 --compiler=tpu
   (``memjax.plan`` is this module's command name; ``python -m memjax.scale.plan`` is the same)
 
 Shapes: B global batch, b = B / (data * fsdp) per device, T sequence, C width, L layers, V vocab,
@@ -14,6 +15,7 @@ Per device (fp32 unless the config says otherwise):
   activations  what the backward pass keeps, per token of a block (``_activation_floats``), the
                logits (3 V per token: logits, softmax, its gradient), and per memory layer the
                gathered value rows [tokens, H k, Dv_local] (Dv/m in column mode, Dv in row mode)
+               of an XLA read (CPU only: the TPU and CUDA compilers gather them again)
   temporaries  the larger of two phases, which XLA schedules apart and overlays in memory:
                  backward: activations + parameter gradients (+ dense: one [rows, Dv_local] value
                            gradient per memory layer, each reader's own scatter into zeros);
@@ -25,7 +27,9 @@ Per device (fp32 unless the config says otherwise):
                            per table; without
                            batch shards the 1-device step's ~5 [lookups, Dv] buffers.
                (``gradients_bytes`` is the update phase; ``temp_bytes`` the larger one.)
-               Checked against XLA's ``memory_analysis`` by ``benchmarks/plan_check.py``.
+               Checked against XLA's ``memory_analysis`` by ``benchmarks/plan_check.py``. The TPU
+               and CUDA compilers keep other multiples of the value table (``COMPILERS``, the
+               ``compiler`` argument; docs/planner.md, ``benchmarks/plan_probes.py``).
   FLOPs/token  3 x ``ModelConfig.flops_per_token`` (which counts 2 FLOPs per multiply-add): forward +
                backward (twice the forward)
   gathered     bytes of value rows one token reads: ``MemoryConfig.bytes_read_per_token`` x layers
@@ -109,12 +113,20 @@ def _parameter_shards(model_cfg: ModelConfig, sizes_items: tuple) -> dict:
   return out
 
 
-COMPILERS = ("xla", "tpu")
-# What the backward pass keeps differs by compiler: XLA on CPU and GPU keeps about what the jaxpr names
+COMPILERS = ("xla", "tpu", "gpu")
+# What the backward pass keeps differs by compiler: XLA on CPU keeps about what the jaxpr names
 # ("xla"); XLA on TPU fuses more and keeps one copy of the attention probabilities and much less
 # around the FFN ("tpu"). Both were fitted to ``memory_analysis`` of compiled steps (CPU: the 373M on
 # 8 and 64 fake devices; TPU v5p and H100: 2- and 4-block probes of the 373M at 1024 and 2048 tokens,
-# with and without remat and bf16; docs/planner.md has the comparison).
+# with and without remat and bf16; docs/planner.md has the comparison). "gpu" is "xla" with what the
+# CUDA compiler was measured to keep less of (probes in docs/planner.md): an XLA read's gathered value
+# rows are recomputed in the backward, not kept, and with batch shards the dense value gradient is one
+# running sum (two [rows, Dv] buffers), not one buffer per reader.
+
+
+def compiler_for(platform: str) -> str:
+  """The planner's compiler model for a target platform: "tpu" -> "tpu", "cuda"/"gpu" -> "gpu", else "xla"."""
+  return {"tpu": "tpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu"}.get(platform, "xla")
 
 
 def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str, compiler: str = "xla") -> int:
@@ -190,8 +202,11 @@ def activation_bytes(model_cfg: ModelConfig, seq_len: int, tokens: int, compiler
   n_mem = len(model_cfg.memory.layers)
   logits = (1.5 if compiler == "tpu" else 3) * model_cfg.vocab_size + 2 * model_cfg.dim
   # Each memory layer's gathered value rows [tokens, H k, Dv], when the read is XLA's gather (backend
-  # "xla", and "auto" with the sparse update, which reads with XLA): the kernels keep none.
+  # "xla", and "auto" with the sparse update, which reads with XLA): the kernels keep none, and the TPU
+  # and CUDA compilers gather them again in the backward (measured: the 373M at batch 16 and 32 per
+  # device kept 12 and 20 GiB on 8 x H100, not the 17 and 34 that keeping the rows would need).
   xla_read = model_cfg.memory.backend == "xla" or (model_cfg.memory.backend == "auto" and model_cfg.memory.row_sparse)
+  xla_read = xla_read and compiler == "xla"
   rows = n_mem * mem.heads * mem.k * mem.value_dim if xla_read and model_cfg.remat != "full" else 0
   return int(tokens * (width * (blocks + rows) + 4 * logits))
 
@@ -250,9 +265,24 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict, *, compile
     else:
       update = copies * p_bytes + 5 * 4 * global_lookups * dv
   else:
-    value_grads = 4 * n_mem * rows * dv if n_mem else 0
+    table_bytes = 4 * rows * dv  # one table's shard (a gradient of it, fp32)
+    readers = n_mem // tables if n_mem else 0  # memory layers reading each table
+    value_grads = n_mem * table_bytes
     backward = act_bytes + p_bytes + value_grads
     update = copies * (p_bytes + value_grads)
+    if compiler == "tpu" and n_mem:
+      # Measured on v5p (373M blocks, dense update, remat full, tables of 1 and 4 GiB a device, 1 to 3
+      # readers, 1 and 2 microbatches, meshes 1/1/4 and 1/4/1): the update keeps (2 r + copies) table
+      # shards for r >= 2 readers (each reader's scatter and its copy, the sum; 7.0 and 7.7 x at r = 3,
+      # 5.0 x at r = 2) and `copies` for one reader; microbatches add no value accumulator beyond that.
+      update = copies * p_bytes + tables * table_bytes * (copies if readers == 1 else 2 * readers + copies)
+    elif compiler == "gpu" and n_mem and batch_shards > 1:
+      # Measured on H200 (373M blocks, fsdp 8, a 4 GiB table, 3 readers, 1 and 2 microbatches): the
+      # readers' gradients go into one running sum (the accumulator under microbatches), two [rows, dv]
+      # buffers in all; the update all-reduces that sum.
+      summed = tables * table_bytes
+      backward += 2 * summed - value_grads - (summed if k_micro > 1 else 0)
+      update = copies * (p_bytes + summed)
   grad_bytes = update
   temp_bytes = max(backward, update)
   batch_bytes = 5 * 4 * tokens
@@ -377,6 +407,8 @@ def main(argv=None) -> int:
   parser.add_argument("--config", required=True, help="a configs/*.py file")
   parser.add_argument("--mesh", default="data=1", help="data=N,fsdp=N,memory=N")
   parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+  parser.add_argument("--compiler", default="xla", choices=COMPILERS,
+                      help="whose memory use to model: xla (CPU), tpu, gpu (CUDA); default xla")
   try:
     rest, overrides = split_config_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
@@ -385,7 +417,7 @@ def main(argv=None) -> int:
   except (ConfigError, CommandLineError, ValueError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
-  p = plan(cfg.model, cfg.train, sizes)
+  p = plan(cfg.model, cfg.train, sizes, compiler=args.compiler)
   print(json.dumps(p, indent=1) if args.json else format_plan(p))
   return 0
 
