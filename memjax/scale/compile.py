@@ -119,16 +119,21 @@ def compile_step(cfg, target: str | Target, mesh_sizes: dict, *, step: str = "tr
   # is not the step's, and it is sometimes negative (overflow). Neither is reported as an estimate.
   estimate_note = None
   if estimate is not None and tc.microbatches > 1:
-    body = None
-    if price_microbatches and step == "train" and estimate > 0 and total <= target.hbm_bytes:
-      body = _microbatch_seconds(cfg, target, mesh)
+    body, why = None, f"the cost model counts the {tc.microbatches}-microbatch loop once"
+    if price_microbatches and step == "train" and total <= target.hbm_bytes:
+      if estimate <= 0:
+        why = f"the cost model returned {estimate:.3g} s for the step (its loop counted once)"
+      else:
+        body = _microbatch_seconds(cfg, target, mesh)
+        if body is None or body <= 0:
+          why = f"the cost model returned {body} s for one microbatch's forward + backward"
     if body is not None and body > 0:
       estimate_note = (f"derived: the step's {estimate * 1e3:.1f} ms (the {tc.microbatches}-microbatch loop "
                        f"counted once) + {tc.microbatches - 1} x {body * 1e3:.1f} ms (one microbatch's "
                        f"forward + backward, compiled alone)")
       estimate = estimate + (tc.microbatches - 1) * body
     else:
-      estimate, estimate_note = None, f"not priced: the cost model counts the {tc.microbatches}-microbatch loop once"
+      estimate, estimate_note = None, f"not priced: {why}"
   elif estimate is not None and estimate <= 0:
     estimate, estimate_note = None, f"not priced: the cost model returned {estimate:.3g} s"
   tokens = tc.batch_size * tc.seq_len
