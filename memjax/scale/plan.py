@@ -125,8 +125,12 @@ COMPILERS = ("xla", "tpu", "gpu")
 
 
 def compiler_for(platform: str) -> str:
-  """The planner's compiler model for a target platform: "tpu" -> "tpu", "cuda"/"gpu" -> "gpu", else "xla"."""
-  return {"tpu": "tpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu"}.get(platform, "xla")
+  """The planner's compiler model for a target platform: "tpu" -> "tpu", "cuda" -> "gpu", else "xla".
+
+  >>> compiler_for("cuda")
+  'gpu'
+  """
+  return {"tpu": "tpu", "cuda": "gpu"}.get(platform, "xla")
 
 
 def _activation_floats(cfg: ModelConfig, seq_len: int, kind: str, compiler: str = "xla") -> int:
@@ -203,8 +207,8 @@ def activation_bytes(model_cfg: ModelConfig, seq_len: int, tokens: int, compiler
   logits = (1.5 if compiler == "tpu" else 3) * model_cfg.vocab_size + 2 * model_cfg.dim
   # Each memory layer's gathered value rows [tokens, H k, Dv], when the read is XLA's gather (backend
   # "xla", and "auto" with the sparse update, which reads with XLA): the kernels keep none, and the TPU
-  # and CUDA compilers gather them again in the backward (measured: the 373M at batch 16 and 32 per
-  # device kept 12 and 20 GiB on 8 x H100, not the 17 and 34 that keeping the rows would need).
+  # and CUDA compilers gather them again in the backward (benchmarks/plan_probes.py: 6 blocks of the
+  # 373M on 8 x H200 keep 8.1 GiB more for twice the tokens, where keeping the rows would add 16.9).
   xla_read = model_cfg.memory.backend == "xla" or (model_cfg.memory.backend == "auto" and model_cfg.memory.row_sparse)
   xla_read = xla_read and compiler == "xla"
   rows = n_mem * mem.heads * mem.k * mem.value_dim if xla_read and model_cfg.remat != "full" else 0
@@ -214,7 +218,8 @@ def activation_bytes(model_cfg: ModelConfig, seq_len: int, tokens: int, compiler
 def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict, *, compiler: str = "xla") -> dict:
   """The per-device plan as a flat dict of numbers (bytes, FLOPs).
 
-  ``compiler`` is the one whose memory use the activations model: "xla" (CPU and GPU) or "tpu".
+  ``compiler`` is the one whose memory use is modelled (``COMPILERS``: "xla" = XLA on CPU, "tpu", "gpu" = CUDA;
+  ``compiler_for(platform)`` picks it for a target).
   ``train.microbatches`` k: the activations of one microbatch (tokens / k), plus an fp32 accumulator
   of the parameter gradients (and, for the sparse update, the whole batch's row-gradient inputs).
   """
@@ -279,7 +284,8 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, sizes: dict, *, compile
     elif compiler == "gpu" and n_mem and batch_shards > 1:
       # Measured on H200 (373M blocks, fsdp 8, a 4 GiB table, 3 readers, 1 and 2 microbatches): the
       # readers' gradients go into one running sum (the accumulator under microbatches), two [rows, dv]
-      # buffers in all; the update all-reduces that sum.
+      # buffers in all; the update all-reduces that sum. (A 16 GiB table, past the compiler's memory
+      # limit, kept 3.7: docs/planner.md.)
       summed = tables * table_bytes
       backward += 2 * summed - value_grads - (summed if k_micro > 1 else 0)
       update = copies * (p_bytes + summed)
