@@ -97,7 +97,7 @@ def _compiler_total(row: dict) -> int | None:
   """What the compiler says the row needs a device (arguments + temporaries), or None if unknown."""
   if "total_bytes_per_device" in row:
     return row["total_bytes_per_device"]
-  if "compiler_temp_bytes_needed" in row:  # out of HBM: the temporaries it named + the arguments (the plan's are exact)
+  if "compiler_temp_bytes_needed" in row:  # out of HBM: the temporaries it named + the (exact) planned arguments
     return row["compiler_temp_bytes_needed"] + row["plan_arguments_bytes"]
   return None
 
@@ -173,6 +173,8 @@ def main() -> int:
   ap.add_argument("--json", help="(internal) where --platform writes its rows")
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "compile_table.json"))
   args = ap.parse_args()
+  if args.tries < 1:
+    ap.error(f"--tries={args.tries}: compile each row at least once (--tries >= 1)")
   configs, targets = args.configs.split(","), args.targets.split(",")
   from memjax.scale.targets import get
   for t in targets:
