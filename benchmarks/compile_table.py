@@ -160,6 +160,18 @@ def _aot_python(platform: str) -> str:
   return out.stdout.strip()
 
 
+def rows_from_aot_venv(platform: str, script: str, args: list[str]) -> list[dict]:
+  """Runs ``script --platform PLATFORM --json PART *args`` in the venv of ``.ci/aot_env.sh`` for the
+  platform (the target's compiler, this CPU as the host) and returns the rows it wrote to PART."""
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    part = f.name
+  cmd = [_aot_python(platform), script, "--platform", platform, "--json", part, *args]
+  subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+                           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}, check=True)
+  with open(part) as f:
+    return json.load(f)
+
+
 def main() -> int:
   from memjax.command import ArgumentParser
   ap = ArgumentParser(prog="benchmarks/compile_table.py", description=__doc__,
@@ -178,7 +190,13 @@ def main() -> int:
   configs, targets = args.configs.split(","), args.targets.split(",")
   from memjax.scale.targets import get
   for t in targets:
-    get(t)
+    try:
+      get(t)
+    except ValueError as e:
+      ap.error(str(e).replace("--target=", "--targets: "))
+  for name in configs:
+    if not os.path.exists(os.path.join(REPO, "configs", name + ".py")):
+      ap.error(f"--configs: {name!r} is not a file under configs/ (e.g. {', '.join(CONFIGS)})")
   if args.platform:
     _run_platform(args.platform, configs, targets, args.json, args.tries)
     return 0
@@ -186,12 +204,8 @@ def main() -> int:
   for platform in ("tpu", "cuda"):
     if not any(get(t).platform == platform for t in targets):
       continue
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-      part = f.name
-    cmd = [_aot_python(platform), __file__, "--platform", platform, "--json", part, "--configs", args.configs,
-           "--targets", args.targets, "--tries", str(args.tries)]
-    subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}, check=True)
-    rows += json.load(open(part))
+    rows += rows_from_aot_venv(platform, __file__, ["--configs", args.configs, "--targets", args.targets,
+                                                     "--tries", str(args.tries)])
   result = {"command": "python benchmarks/compile_table.py " + " ".join(sys.argv[1:]), "seconds": time.time() - start,
             "rows": rows}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

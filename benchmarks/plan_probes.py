@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,13 +130,8 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _aot_python(platform: str) -> str:
-  out = subprocess.run(["bash", os.path.join(REPO, ".ci", "aot_env.sh"), platform], stdout=subprocess.PIPE,
-                       text=True, check=True)
-  return out.stdout.strip()
-
-
 def main() -> int:
+  from compile_table import rows_from_aot_venv
   from memjax.command import ArgumentParser
   ap = ArgumentParser(prog="benchmarks/plan_probes.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,22 +142,17 @@ def main() -> int:
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "plan_probes.json"))
   args = ap.parse_args()
   if args.platform:
-    _run_platform(args.platform, args.names.split(","), args.json)
+    _run_platform(args.platform, (args.names or "").split(","), args.json)
     return 0
   names = [p[0] for p in PROBES if p[0].startswith(args.only)]
   if not names:
-    raise ValueError(f"--only={args.only!r} matches no probe; names: {[p[0] for p in PROBES]}")
+    ap.error(f"--only={args.only!r} matches no probe; names: {[p[0] for p in PROBES]}")
   start, rows = time.time(), []
   for platform in ("tpu", "cuda"):
     mine = [n for n in names if n.startswith("tpu" if platform == "tpu" else "gpu")]
     if not mine:
       continue
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-      part = f.name
-    cmd = [_aot_python(platform), __file__, "--platform", platform, "--json", part, "--names", ",".join(mine)]
-    subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-                             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}, check=True)
-    rows += json.load(open(part))
+    rows += rows_from_aot_venv(platform, __file__, ["--names", ",".join(mine)])
   print(format_table(rows))
   result = {"command": "python benchmarks/plan_probes.py " + " ".join(sys.argv[1:]),
             "seconds": round(time.time() - start), "rows": rows}
