@@ -703,6 +703,11 @@ class TrainConfig(_Checked):
   fused_value_update: where a step is lowered for CPU on one device, the value tables' optimizer
   step (dense or row-sparse Adam with its clip) runs as two fused C++ kernels instead of XLA's
   whole-table passes; the same update (off: the XLA formulation, e.g. to compare).
+  update_barrier: the optimizer updates wait for the whole backward pass
+  (``jax.lax.optimization_barrier`` on the gradients), so the step's peak memory is the larger of the
+  two phases, not their overlap (the TPU compiler otherwise starts the value update while the backward
+  still holds its buffers: 24.8 -> 15.5 GB of temporaries on a 373M probe at fsdp 32). The same
+  numbers either way.
   """
 
   steps: int = 1000
@@ -730,10 +735,11 @@ class TrainConfig(_Checked):
   microbatches: int = 1
   async_checkpoint: bool = False
   fused_value_update: bool = True
+  update_barrier: bool = True
 
   def __post_init__(self):
     self._ints("steps", "batch_size", "seq_len", "log_every", "max_checkpoints", "microbatches")
-    self._bools("async_checkpoint", "fused_value_update")
+    self._bools("async_checkpoint", "fused_value_update", "update_barrier")
     if self.batch_size % self.microbatches:
       self._fail("microbatches", f"must divide batch_size={self.batch_size}")
     self._ints("warmup_steps", "seed", "checkpoint_every", "eval_every", low=0)

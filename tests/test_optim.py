@@ -214,3 +214,23 @@ def test_sparse_value_update_with_more_lookups_than_slots_touches_the_same_rows(
   read[np.asarray(idx).ravel()] = True
   np.testing.assert_array_equal(np.asarray(got)[~read], np.asarray(table)[~read])  # unread rows untouched
   assert np.all(np.asarray(got)[read] != np.asarray(table)[read])
+
+
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_update_barrier_changes_the_schedule_not_the_numbers(update):
+  """``train.update_barrier`` puts the sparse update's inputs behind an optimization barrier (the TPU
+  compiler then cannot overlap the update's buffers with the backward's); the dense step has none. The
+  numbers are the same either way."""
+  states, texts = [], []
+  for barrier in (True, False):
+    fns = make_step_fns(_model_cfg(update), TrainConfig(steps=10, warmup_steps=1, update_barrier=barrier,
+                                                        fused_value_update=False))
+    step = jax.jit(fns.train_step)
+    state = fns.init(0)
+    texts.append(step.lower(state, _batch(0)).as_text())
+    for i in range(2):
+      state, _ = step(state, _batch(i))
+    states.append(state)
+  assert ("optimization_barrier" in texts[0]) == (update == "sparse")
+  assert "optimization_barrier" not in texts[1]
+  chex.assert_trees_all_close(states[0], states[1], rtol=1e-6, atol=1e-7)
