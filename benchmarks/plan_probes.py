@@ -2,6 +2,9 @@
 
   python benchmarks/plan_probes.py                  # every probe (~18 min on 2 cores)
   python benchmarks/plan_probes.py --only=tpu_r3    # the probes whose name starts with tpu_r3
+  python benchmarks/plan_probes.py --only=tpu_sparse,gpu_sparse   # several prefixes
+
+With --only, the rows of the probes run replace theirs in the JSON already there; the others stay.
 
 Each probe compiles one train step for a real target (deviceless AOT, in the venvs of
 ``.ci/aot_env.sh``) with one thing varied against its neighbour: the value table's size (1 or 4 GiB a
@@ -135,7 +138,8 @@ def main() -> int:
   from memjax.command import ArgumentParser
   ap = ArgumentParser(prog="benchmarks/plan_probes.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--only", default="", help="run the probes whose name starts with this")
+  ap.add_argument("--only", default="", help="run the probes whose name starts with one of these (comma-separated); "
+                  "their rows replace those in --out, the rest stay")
   ap.add_argument("--platform", choices=("tpu", "cuda"), help="(internal) compile in this process")
   ap.add_argument("--names", help="(internal) comma-separated probe names")
   ap.add_argument("--json", help="(internal) where --platform writes its rows")
@@ -144,7 +148,8 @@ def main() -> int:
   if args.platform:
     _run_platform(args.platform, (args.names or "").split(","), args.json)
     return 0
-  names = [p[0] for p in PROBES if p[0].startswith(args.only)]
+  prefixes = tuple(args.only.split(","))
+  names = [p[0] for p in PROBES if p[0].startswith(prefixes)]
   if not names:
     ap.error(f"--only={args.only!r} matches no probe; names: {[p[0] for p in PROBES]}")
   start, rows = time.time(), []
@@ -153,9 +158,17 @@ def main() -> int:
     if not mine:
       continue
     rows += rows_from_aot_venv(platform, __file__, ["--names", ",".join(mine)])
+  command = "python benchmarks/plan_probes.py " + " ".join(sys.argv[1:])
+  result = {"command": command.strip(), "seconds": round(time.time() - start), "rows": rows}
+  if args.only and os.path.exists(args.out):  # keep the probes not run, in PROBES order
+    with open(args.out) as f:
+      earlier = json.load(f)
+    fresh = {r["name"]: {**r, "command": command.strip()} for r in rows}
+    kept = {r["name"]: r for r in earlier["rows"]}
+    rows = [fresh.get(n) or kept[n] for n, *_ in PROBES if n in fresh or n in kept]
+    result = {"command": earlier["command"], "seconds": earlier["seconds"], "rows": rows,
+              "rerun": earlier.get("rerun", []) + [{"command": command.strip(), "seconds": result["seconds"]}]}
   print(format_table(rows))
-  result = {"command": "python benchmarks/plan_probes.py " + " ".join(sys.argv[1:]),
-            "seconds": round(time.time() - start), "rows": rows}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

@@ -92,7 +92,7 @@ def _plan_temp(row, compiler):
 # Probes whose steps fit the target and that the models describe (docs/planner.md lists those they do not).
 FITTED = ["tpu_r3_v1_k1", "tpu_r3_v4_k1", "tpu_r3_v1_k2", "tpu_r3_v4_k2", "tpu_r2_v1_k1", "tpu_r2_v4_k1",
           "tpu_r1_v4_k1", "tpu_fsdp4_r3_v4_k2", "tpu_8b_16_layers_k2", "tpu_373m_sparse_b16", "gpu_sparse_b16",
-          "gpu_sparse_b32", "gpu_dense_v4_k2"]
+          "gpu_sparse_b32", "gpu_dense_v4_k2", "tpu_sparse_fsdp4_b8", "tpu_sparse_fsdp32_b64", "gpu_dense_v4_k1"]
 
 
 @pytest.mark.parametrize("name", FITTED)
