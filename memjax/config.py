@@ -703,11 +703,11 @@ class TrainConfig(_Checked):
   fused_value_update: where a step is lowered for CPU on one device, the value tables' optimizer
   step (dense or row-sparse Adam with its clip) runs as two fused C++ kernels instead of XLA's
   whole-table passes; the same update (off: the XLA formulation, e.g. to compare).
-  update_barrier: the optimizer updates wait for the whole backward pass
-  (``jax.lax.optimization_barrier`` on the gradients), so the step's peak memory is the larger of the
-  two phases, not their overlap (the TPU compiler otherwise starts the value update while the backward
-  still holds its buffers: 24.8 -> 15.5 GB of temporaries on a 373M probe at fsdp 32). The same
-  numbers either way.
+  update_barrier: the row-sparse value update (``model.memory.value_update="sparse"``) waits for the
+  whole backward pass (``jax.lax.optimization_barrier`` on the gradients and the update's inputs), so
+  the step's peak memory is the larger of the two phases, not their overlap (the TPU compiler otherwise
+  starts the update while the backward still holds its buffers: 24.8 -> 15.5 GB of temporaries on a
+  373M probe at fsdp 32). The same numbers either way; the dense update has no barrier.
   """
 
   steps: int = 1000
