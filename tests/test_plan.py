@@ -146,4 +146,4 @@ def test_the_planner_is_within_15_percent_of_the_compile_table():
     error = (p["arguments_bytes"] + p["temp_bytes"]) / r["total_bytes_per_device"] - 1
     assert abs(error) < 0.15, (r["config"], r["target"], r["mesh"], error)
     checked += 1
-  assert checked >= len(rows) - len(_TABLE_OFF)
+  assert checked >= 10  # 10 of the 11 compiled rows (the rest do not fit: no compiled figure)
