@@ -148,7 +148,7 @@ def main() -> int:
   if args.platform:
     _run_platform(args.platform, (args.names or "").split(","), args.json)
     return 0
-  prefixes = tuple(args.only.split(","))
+  prefixes = tuple(p for p in args.only.split(",") if p) or ("",)  # "tpu," is "tpu", not every probe
   names = [p[0] for p in PROBES if p[0].startswith(prefixes)]
   if not names:
     ap.error(f"--only={args.only!r} matches no probe; names: {[p[0] for p in PROBES]}")

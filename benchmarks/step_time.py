@@ -2,7 +2,8 @@
 
   python benchmarks/step_time.py                      # n_keys 64, 256, 1024 (4k -> 1M slots)
   python benchmarks/step_time.py --n_keys=64,256 --repeats=5
-  python benchmarks/step_time.py --n_keys=256 --updates=sparse --update_barrier=on,off   # A/B of the barrier
+  python benchmarks/step_time.py --n_keys=256 --updates=sparse --update_barrier=on,off \
+      --out=benchmarks/results/step_time_barrier.json   # A/B of train.update_barrier
 
 Everything but ``model.memory.n_keys`` is fixed (configs/default.py's Memory+ model, batch 16 x 128).
 Steps of the different sizes are interleaved (A, B, C, A, B, C, ...) so that a noisy shared machine
